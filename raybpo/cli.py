@@ -1,0 +1,160 @@
+"""`raybpo`: one command per stage of ARCHITECTURE.md, plus `run`, `demo` and `export`.
+
+Every command takes `--config FILE.yaml`, `--run-dir DIR` and dotted overrides (`train.beta0=0.2`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from raybpo.config import FORMATS, Config, ConfigError, SourceSpec, load_config
+from raybpo.data.export import export_trl
+from raybpo.rundir import StageResult
+from raybpo.stages.ingest import IngestError, ingest
+
+# Commands whose stage a later release builds; they fail clearly instead of faking output.
+PLANNED = {
+    "run": "the whole stage graph, ingest to evaluate, with skip/resume",
+    "reward": "reward-model training (MORE, multitask, single, average) on Ray Train",
+    "sft": "supervised warm-up of the policy on chosen responses",
+    "breadth": "prompt embedding, faiss k-means and top-eta selection on Ray Data",
+    "generate": "candidate generation (vLLM on GPU, Hugging Face on CPU) on Ray Data",
+    "score": "candidate scoring (reward model, LLM judge, oracle) and uniform pairs",
+    "depth": "batched LoRA gradient features, gradient clustering and pair allocation",
+    "train": "beta-DPO / DPO / IPO training with LoRA on Ray Train",
+    "tune": "Ray Tune sweeps over the train + evaluate tail",
+    "evaluate": "win rates, reward-model accuracy and ECE",
+    "report": "the report (markdown and HTML) with every stage's plots",
+}
+SOURCE_OPTIONS = ("format", "name", "split", "subset", "pku_preference")
+COLUMN_KEYS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
+
+
+def parse_source(text: str) -> SourceSpec:
+    """`PATH[,format=F][,name=N][,split=S][,subset=X][,pku_preference=safer][,prompt=COL,...]`."""
+    path, *options = text.split(",")
+    fields: dict = {"path": path}
+    columns = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in SOURCE_OPTIONS + COLUMN_KEYS:
+            raise ConfigError(
+                f"--source {text!r}: bad option {option!r}; options are {', '.join(SOURCE_OPTIONS)} "
+                f"(formats: {', '.join(FORMATS)}) and, for format=columns, {', '.join(COLUMN_KEYS)}=COLUMN"
+            )
+        if key in COLUMN_KEYS:
+            columns[key] = value
+        else:
+            fields[key] = value
+    if columns:
+        fields["columns"] = columns
+    try:
+        return SourceSpec.model_validate(fields)
+    except ValueError as err:
+        raise ConfigError(f"--source {text!r}: {err}") from None
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config, args.overrides)
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    return cfg
+
+
+def _print_result(result: StageResult, run_dir: str) -> None:
+    m = result.manifest
+    state = "up to date, skipped" if result.skipped else f"done in {m['wall_time_s']:.1f} s"
+    print(f"{m['stage']}: {state}")
+    print(f"  rows in {m['rows_in']}, out {m['rows_out']}, quarantined {m['rows_quarantined']}", end="")
+    print(f", duplicates removed {m['duplicates_removed']}" if "duplicates_removed" in m else "")
+    for reason, count in m["quarantine_reasons"].items():
+        print(f"    {reason}: {count}")
+    for name, relpath in m.get("outputs", {}).items():
+        print(f"  {name}: {run_dir.rstrip('/')}/{m['stage']}/{relpath}")
+    print(f"  manifest: {run_dir.rstrip('/')}/{m['stage']}/manifest.json")
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    if args.source:
+        cfg.ingest.sources = [*cfg.ingest.sources, *(parse_source(s) for s in args.source)]
+    if args.preset:
+        cfg.ingest.preset = args.preset
+    _print_result(ingest(cfg), cfg.run_dir)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The built-in benchmark, offline, end to end as far as the pipeline is built."""
+    cfg = _config(args)
+    cfg.ingest.preset = "benchmark"
+    cfg.ingest.sources = []
+    _print_result(ingest(cfg), cfg.run_dir)
+    print(f"\nThe built-in benchmark's raw files (per-source pairs, held-out prompts): {cfg.run_dir}/ingest/benchmark/")
+    print("Later stages (reward, sft, breadth, generate, score, depth, train, evaluate) are not built yet.")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    count = export_trl(args.pairs, args.out)
+    print(f"wrote {count} pairs in TRL preference format to {args.out}")
+
+
+def _planned(name: str) -> Callable[[argparse.Namespace], None]:
+    def run(_: argparse.Namespace) -> None:
+        raise NotBuiltError(f"raybpo {name}: not built yet ({PLANNED[name]} arrives in a later release)")
+
+    return run
+
+
+class NotBuiltError(RuntimeError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raybpo", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, handler: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", help="YAML config file (see jobs/configs/)")
+        sub.add_argument("--run-dir", help="run directory: a local path or a URI such as s3://bucket/run")
+        sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add("demo", "run the pipeline on the built-in offline benchmark", cmd_demo)
+    ingest_cmd = add("ingest", "parse, validate and deduplicate preference data into canonical pairs", cmd_ingest)
+    ingest_cmd.add_argument(
+        "--source",
+        action="append",
+        metavar="PATH_OR_DATASET[,format=F][,name=N]",
+        help="a JSONL, JSONL.gz or Parquet file or folder, or a Hugging Face dataset name (repeatable)",
+    )
+    ingest_cmd.add_argument("--preset", choices=["benchmark"], help="generate and ingest the built-in benchmark")
+    for name, description in PLANNED.items():
+        add(name, description, _planned(name))
+    export = commands.add_parser("export", help="write a pairs folder as TRL preference JSONL")
+    export.add_argument("pairs", help="a pairs folder, e.g. RUN_DIR/ingest/pairs")
+    export.add_argument("out", help="output .jsonl path")
+    export.set_defaults(handler=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        args.handler(args)
+    except (ConfigError, IngestError, NotBuiltError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The canonical preference-pair schema, its stable id, and the quarantine record.
+
+A pair is (prompt, chosen, rejected) from a named `source`. `prompt` is plain text, or a chat
+conversation stored as the JSON text of a list of {"role", "content"} messages (`prompt_messages`
+reads it back). `pair_id` is a content hash of (source, prompt, chosen, rejected): the same pair
+gets the same id in every run and on every machine; duplicates within a source share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pyarrow as pa
+
+PAIR_SCHEMA = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("chosen", pa.string(), nullable=False),
+        pa.field("rejected", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("score_chosen", pa.float64()),
+        pa.field("score_rejected", pa.float64()),
+        pa.field("meta", pa.string()),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string()),
+        pa.field("file", pa.string()),
+        pa.field("row", pa.int64()),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("raw", pa.binary()),
+    ]
+)
+
+
+class Reason:
+    """Why a row was quarantined (the values written to the quarantine and the manifest)."""
+
+    UNDECODABLE = "undecodable_line"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    NON_STRING = "non_string_field"
+    EMPTY_PROMPT = "empty_prompt"
+    EMPTY_RESPONSE = "empty_response"
+    IDENTICAL = "identical_responses"
+    UNSPLITTABLE = "unsplittable_transcript"
+    TOO_LONG = "too_long"
+    TIE = "tie"
+    BAD_LABEL = "bad_label"
+
+
+class BadRow(ValueError):
+    """A row that cannot become a pair; `reason` is one of `Reason`, `detail` says what was seen."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def canonical_prompt(prompt: str | list[dict[str, Any]]) -> str:
+    """Text stays text; chat messages become compact JSON with sorted keys (stable for hashing)."""
+    if isinstance(prompt, str):
+        return prompt
+    return json.dumps(prompt, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def prompt_messages(prompt: str) -> list[dict[str, str]] | None:
+    """The chat messages of a stored prompt, or None when it is plain text."""
+    if not prompt.startswith("[{"):
+        return None
+    try:
+        messages = json.loads(prompt)
+    except json.JSONDecodeError:
+        return None
+    if all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
+        return messages
+    return None
+
+
+def make_pair_id(source: str, prompt: str, chosen: str, rejected: str) -> str:
+    """Stable 128-bit content hash (hex) of a pair; fields are length-prefixed so no two pairs collide."""
+    digest = hashlib.sha256()
+    for text in (source, prompt, chosen, rejected):
+        data = text.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()[:32]

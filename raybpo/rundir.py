@@ -1,0 +1,184 @@
+"""The run directory: one folder per stage, each with its outputs and a `manifest.json`.
+
+A stage is skipped when its manifest records the same config hash and input hashes as the
+current call; a stage without a manifest (it died half-way, or never ran) is deleted and redone
+from scratch. The manifest is written last, so its presence means the outputs are complete.
+The run directory is a local path or any URI pyarrow's filesystems understand (s3://, gs://, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import posixpath
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from raybpo.config import Config
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+VERSIONED_PACKAGES = ("raybpo", "ray", "torch", "transformers", "peft", "pyarrow", "pydantic", "numpy")
+
+
+class RunDir:
+    """A run directory on a pyarrow filesystem; paths below it are `/`-joined relative parts."""
+
+    def __init__(self, uri: str | Path):
+        uri = str(uri)
+        if "://" in uri:
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+        self.uri = uri
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def uri_of(self, *parts: str) -> str:
+        """A path below the run directory as a string other tools open (local path, or scheme://...)."""
+        scheme = self.uri.split("://", 1)[0] + "://" if "://" in self.uri else ""
+        return scheme + self.path(*parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def makedirs(self, *parts: str) -> str:
+        path = self.path(*parts)
+        self.fs.create_dir(path, recursive=True)
+        return path
+
+    def remove(self, *parts: str) -> None:
+        path = self.path(*parts)
+        info = self.fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(path)
+
+    def write_bytes(self, relpath: str, data: bytes) -> str:
+        path = self.path(relpath)
+        self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        with self.fs.open_output_stream(path) as out:
+            out.write(data)
+        return path
+
+    def read_bytes(self, relpath: str) -> bytes:
+        with self.fs.open_input_stream(self.path(relpath)) as src:
+            return src.read()
+
+    def write_json(self, relpath: str, payload: Any) -> str:
+        return self.write_bytes(relpath, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+    def read_json(self, relpath: str) -> Any:
+        return json.loads(self.read_bytes(relpath))
+
+    def hash_tree(self, *parts: str) -> str:
+        """sha256 over every file below `parts` (names and contents), the identity of a stage's output."""
+        return hash_files(self.fs, self.path(*parts))
+
+
+def hash_files(fs: pafs.FileSystem, path: str) -> str:
+    """sha256 of a file's bytes, or of a folder's sorted (relative name, bytes) pairs."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    files = (
+        [info]
+        if info.type == pafs.FileType.File
+        else sorted(
+            (i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File),
+            key=lambda i: i.path,
+        )
+    )
+    digest = hashlib.sha256()
+    for item in files:
+        if info.type == pafs.FileType.Directory:
+            digest.update(posixpath.relpath(item.path, path).encode() + b"\0")
+        with fs.open_input_stream(item.path, compression=None) as src:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class StageCounts:
+    """What a stage body reports; `extra` lands in the manifest beside the counts."""
+
+    rows_in: int
+    rows_out: int
+    rows_quarantined: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    manifest: dict[str, Any]
+    skipped: bool
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def run_stage(
+    run_dir: RunDir,
+    stage: str,
+    config: Config,
+    sections: tuple[str, ...],
+    input_hashes: Mapping[str, str],
+    body: Callable[[str], StageCounts],
+) -> StageResult:
+    """Run `body(stage_path)` unless a complete run with the same config and inputs is on disk.
+
+    The manifest holds the effective config of `sections`, its hash, the input hashes, the row
+    counts, wall time and package versions. It is written only after `body` returns.
+    """
+    config_hash = config.section_hash(*sections)
+    manifest_path = f"{stage}/{MANIFEST}"
+    if run_dir.exists(manifest_path):
+        previous = run_dir.read_json(manifest_path)
+        if previous.get("config_hash") == config_hash and previous.get("input_hashes") == dict(input_hashes):
+            log.info("%s: up to date (manifest %s), skipped", stage, run_dir.path(manifest_path))
+            return StageResult(previous, skipped=True)
+        log.info("%s: config or inputs changed, redoing the stage", stage)
+    elif run_dir.exists(stage):
+        log.info("%s: found a partial run without a manifest, redoing it from scratch", stage)
+    run_dir.remove(stage)
+    stage_path = run_dir.makedirs(stage)
+
+    started = time.perf_counter()
+    counts = body(stage_path)
+    manifest = {
+        "stage": stage,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": {"seed": config.seed, **{s: getattr(config, s).model_dump(mode="json") for s in sections}},
+        "config_hash": config_hash,
+        "input_hashes": dict(input_hashes),
+        "rows_in": counts.rows_in,
+        "rows_out": counts.rows_out,
+        "rows_quarantined": counts.rows_quarantined,
+        "quarantine_reasons": dict(sorted(counts.quarantine_reasons.items())),
+        **counts.extra,
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "versions": package_versions(),
+    }
+    run_dir.write_json(manifest_path, manifest)
+    return StageResult(manifest, skipped=False)

@@ -1,0 +1,68 @@
+import pytest
+
+from raybpo.config import Config, ConfigError, load_config
+
+
+def test_defaults_follow_the_papers():
+    cfg = load_config()
+    assert (cfg.train.beta0, cfg.train.alpha, cfg.train.rho, cfg.train.momentum) == (0.1, 0.6, 0.8, 0.9)
+    assert cfg.reward.momentum == 0.99 and cfg.breadth.eta == 0.1 and cfg.depth.projection_dim == 8192
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("run_dir: /tmp/x\ntrain:\n  beta0: 0.3\n  loss: ipo\n")
+    cfg = load_config(path, ["train.beta0=0.2", "depth.budget=100", "train.lora_target_modules=[q_proj]"])
+    assert cfg.run_dir == "/tmp/x"
+    assert cfg.train.beta0 == 0.2 and cfg.train.loss == "ipo"
+    assert cfg.depth.budget == 100 and cfg.train.lora_target_modules == ["q_proj"]
+
+
+def test_unknown_key_names_the_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.betta0=0.2"])
+    message = str(err.value)
+    assert "unknown key 'train.betta0'" in message
+    assert "did you mean 'beta0'" in message
+    assert "alpha" in message and "rho" in message
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*did you mean 'train'"):
+        load_config(None, ["trian.beta0=0.2"])
+
+
+def test_bad_value_names_the_key_and_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.loss=hinge"])
+    assert "train.loss" in str(err.value) and "'dpo'" in str(err.value) and "'ipo'" in str(err.value)
+    with pytest.raises(ConfigError, match=r"train\.rho.*less than or equal to 1"):
+        load_config(None, ["train.rho=1.5"])
+
+
+def test_malformed_override_and_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(None, ["train.beta0"])
+    with pytest.raises(ConfigError, match="seed: Input should be a valid integer"):
+        load_config(None, ["seed.x=1"])
+    with pytest.raises(ConfigError, match="'seed' is a value, not a section"):
+        load_config(None, ["seed=3", "seed.x=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_columns_format_needs_a_mapping():
+    with pytest.raises(ConfigError, match="format=columns needs a `columns` mapping"):
+        load_config(None, ["ingest.sources=[{path: a.jsonl, format: columns}]"])
+
+
+def test_section_hash_depends_only_on_its_sections():
+    base = Config()
+    other_train = load_config(None, ["train.beta0=0.5"])
+    assert base.section_hash("ingest") == other_train.section_hash("ingest")
+    assert base.section_hash("train") != other_train.section_hash("train")
+    assert base.section_hash("ingest") != load_config(None, ["seed=1"]).section_hash("ingest")
