@@ -12,19 +12,22 @@ from collections.abc import Callable
 
 from raybpo.config import FORMATS, Config, ConfigError, SourceSpec, load_config
 from raybpo.data.export import export_trl
-from raybpo.rundir import StageResult
+from raybpo.models.loading import ModelNotFoundError
+from raybpo.models.tokenize import TokenizationError
+from raybpo.rundir import StageMissingError, StageResult
 from raybpo.stages.ingest import IngestError, ingest
+from raybpo.train.dpo import run_train
+from raybpo.train.loop import NonFiniteLossError
+from raybpo.train.sft import run_sft
 
 # Commands whose stage a later release builds; they fail clearly instead of faking output.
 PLANNED = {
     "run": "the whole stage graph, ingest to evaluate, with skip/resume",
     "reward": "reward-model training (MORE, multitask, single, average) on Ray Train",
-    "sft": "supervised warm-up of the policy on chosen responses",
     "breadth": "prompt embedding, faiss k-means and top-eta selection on Ray Data",
     "generate": "candidate generation (vLLM on GPU, Hugging Face on CPU) on Ray Data",
     "score": "candidate scoring (reward model, LLM judge, oracle) and uniform pairs",
     "depth": "batched LoRA gradient features, gradient clustering and pair allocation",
-    "train": "beta-DPO / DPO / IPO training with LoRA on Ray Train",
     "tune": "Ray Tune sweeps over the train + evaluate tail",
     "evaluate": "win rates, reward-model accuracy and ECE",
     "report": "the report (markdown and HTML) with every stage's plots",
@@ -70,6 +73,8 @@ def _print_result(result: StageResult, run_dir: str) -> None:
     print(f"{m['stage']}: {state}")
     print(f"  rows in {m['rows_in']}, out {m['rows_out']}, quarantined {m['rows_quarantined']}", end="")
     print(f", duplicates removed {m['duplicates_removed']}" if "duplicates_removed" in m else "")
+    for name, value in m.get("final_metrics", {}).items():
+        print(f"  {name}: {value:.4g}")
     for reason, count in m["quarantine_reasons"].items():
         print(f"    {reason}: {count}")
     for name, relpath in m.get("outputs", {}).items():
@@ -84,6 +89,16 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     if args.preset:
         cfg.ingest.preset = args.preset
     _print_result(ingest(cfg), cfg.run_dir)
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    _print_result(run_sft(cfg), cfg.run_dir)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    _print_result(run_train(cfg), cfg.run_dir)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -134,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a JSONL, JSONL.gz or Parquet file or folder, or a Hugging Face dataset name (repeatable)",
     )
     ingest_cmd.add_argument("--preset", choices=["benchmark"], help="generate and ingest the built-in benchmark")
+    add("sft", "supervised warm-up of the policy on chosen responses (Ray Train)", cmd_sft)
+    add("train", "beta-DPO / DPO / IPO training with LoRA (Ray Train)", cmd_train)
     for name, description in PLANNED.items():
         add(name, description, _planned(name))
     export = commands.add_parser("export", help="write a pairs folder as TRL preference JSONL")
@@ -150,7 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.handler(args)
-    except (ConfigError, IngestError, NotBuiltError) as err:
+    except (
+        ConfigError,
+        IngestError,
+        NotBuiltError,
+        StageMissingError,
+        ModelNotFoundError,
+        TokenizationError,
+        NonFiniteLossError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -85,23 +85,71 @@ class BenchmarkConfig(Section):
     flip_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of pairs whose label is flipped.")
 
 
-class RewardConfig(Section):
+class TinyModelConfig(Section):
+    """The config-built Llama of the built-in benchmark (its tokenizer is trained on the data's text)."""
+
+    vocab_size: int = Field(1024, ge=64)
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(256, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    max_position_embeddings: int = Field(512, ge=16)
+
+
+class PolicyConfig(Section):
+    """The policy: `tiny` (built from the data), a local folder, a Hub id, or a GGUF file."""
+
+    model: str = Field("tiny", description="tiny | a local HF folder | a Hub id | smollm2-135m-instruct | x.gguf")
+    gguf_file: str | None = Field(None, description="GGUF file name inside a Hub repo or folder given as `model`.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    trust_remote_code: bool = Field(False, description="Never on by default: it runs code from the model repo.")
+    use_chat_template: bool = Field(True, description="Apply the tokenizer's chat template when it has one.")
+
+
+class LoopConfig(Section):
+    """Settings every Ray Train loop shares (SFT, DPO, reward models); each stage sets its own values."""
+
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1, description="Global batch: all workers, all accumulation steps.")
+    micro_batch_size: int = Field(8, ge=1, description="Per worker and forward pass.")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_length: int = Field(512, ge=8)
+    max_prompt_length: int = Field(256, ge=1)
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Pairs held out for the eval loss.")
+    checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints (and evals).")
+    max_bad_steps: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
+    num_workers: int = Field(1, ge=1, description="Data-parallel Ray Train workers.")
+    use_gpu: bool = False
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts before the run fails.")
+    log_every: int = Field(10, ge=1, description="Steps between console lines.")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> LoopConfig:
+        per_step = self.micro_batch_size * self.num_workers
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of micro_batch_size * num_workers = {per_step}"
+            )
+        return self
+
+
+class RewardConfig(LoopConfig):
     mode: Literal["more", "multitask", "single", "average"] = "more"
     model: str = "all-MiniLM-L6-v2"
     samples_per_source: int = Field(40_000, ge=1, description="Each source resampled to this size.")
     pairs_per_source_per_batch: int = Field(1, ge=1)
     momentum: float = Field(0.99, gt=0.0, le=1.0, description="MORE head-gradient momentum (weight on new).")
-    lr: float = Field(1e-5, gt=0.0)
-    epochs: int = Field(1, ge=1)
-    max_length: int = Field(512, ge=8)
     ece_bins: int = Field(10, ge=2)
 
 
-class SftConfig(Section):
+class SftConfig(LoopConfig):
     enabled: bool = True
-    lr: float = Field(1e-3, gt=0.0)
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0.0)
+    epochs: int = Field(3, ge=1)
+    lora: bool = Field(False, description="Train LoRA adapters (then merge) instead of all weights.")
 
 
 class BreadthConfig(Section):
@@ -164,29 +212,25 @@ class DepthConfig(Section):
     num_gpus: float = Field(0.0, ge=0.0)
 
 
-class TrainConfig(Section):
+class TrainConfig(LoopConfig):
+    """beta-DPO / DPO / IPO with LoRA (docs/ALGORITHMS.md section 1)."""
+
     loss: Literal["dpo", "ipo"] = "dpo"
     beta0: float = Field(0.1, gt=0.0)
     alpha: float = Field(0.6, ge=0.0, description="beta-DPO: 0 disables the dynamic beta.")
     rho: float = Field(0.8, gt=0.0, le=1.0, description="beta-DPO: kept fraction; 1 disables filtering.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="beta-DPO: momentum of M0 and sigma.")
     eps: float = Field(1e-6, gt=0.0)
-    lr: float = Field(5e-4, gt=0.0)
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1, description="Global batch (all workers, after accumulation).")
-    micro_batch_size: int = Field(8, ge=1)
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    max_length: int = Field(512, ge=8)
-    max_prompt_length: int = Field(256, ge=1)
+    kept_normalization: Literal["worker", "global"] = Field(
+        "worker",
+        description="Divide a worker's kept loss by its own kept count (the paper's code) or by the global "
+        "count / workers (N workers then equal one worker exactly).",
+    )
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0.0)
-    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    checkpoint_every: int = Field(50, ge=1)
-    max_bad_steps: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
-    precompute_ref_logps: bool = True
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    precompute_ref_logps: bool = Field(True, description="Reference log-probs in one Ray Data pass, cached.")
+    merge: bool = Field(True, description="Also write the merged model (Hugging Face format, safetensors).")
 
 
 class EvaluateConfig(Section):
@@ -212,6 +256,7 @@ class Config(Section):
     run_dir: str = Field("runs/demo", description="Local path or a pyarrow-filesystem URI (e.g. s3://...).")
     seed: int = 0
     ray: RayConfig = Field(default_factory=RayConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)

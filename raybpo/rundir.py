@@ -13,6 +13,7 @@ import json
 import logging
 import platform
 import posixpath
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -83,6 +84,34 @@ class RunDir:
     def read_json(self, relpath: str) -> Any:
         return json.loads(self.read_bytes(relpath))
 
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def local_dir(self, *parts: str) -> str:
+        """A local path holding the folder `parts`: itself on a local run dir, else a downloaded copy."""
+        if self.is_local():
+            return self.path(*parts)
+        target = Path(tempfile.gettempdir()) / "raybpo-cache" / hashlib.sha256(self.uri_of(*parts).encode()).hexdigest()
+        if not target.exists():
+            partial = target.with_suffix(".partial")
+            pafs.copy_files(
+                self.path(*parts),
+                str(partial),
+                source_filesystem=self.fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
+            partial.rename(target)
+        return str(target)
+
+    def upload_dir(self, local: str | Path, *parts: str) -> str:
+        """Copy a local folder to `parts` below the run dir (a plain copy when the run dir is local)."""
+        destination = self.path(*parts)
+        self.fs.create_dir(destination, recursive=True)
+        pafs.copy_files(
+            str(local), destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs
+        )
+        return destination
+
     def hash_tree(self, *parts: str) -> str:
         """sha256 over every file below `parts` (names and contents), the identity of a stage's output."""
         return hash_files(self.fs, self.path(*parts))
@@ -136,6 +165,19 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def require_stage(run_dir: RunDir, stage: str) -> dict[str, Any]:
+    """The manifest of a finished upstream stage, or a clear error naming what to run first."""
+    if not run_dir.exists(stage, MANIFEST):
+        raise StageMissingError(
+            f"{run_dir.uri_of(stage)} has no finished run (no {MANIFEST}): run `raybpo {stage}` first"
+        )
+    return run_dir.read_json(f"{stage}/{MANIFEST}")
+
+
+class StageMissingError(RuntimeError):
+    """A stage needs the output of an upstream stage that has not finished."""
 
 
 def run_stage(

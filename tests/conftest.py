@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("RAYBPO_SHARED_DATA", ROOT.parent / "shared" / "data"))
 HH_TEST = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,7 +18,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def hh_path() -> Path:
-    assert HH_TEST.exists(), f"the real HH rows are expected at {HH_TEST} (the shared/ folder beside the project)"
+    assert HH_TEST.exists(), (
+        f"the real HH rows are expected at {HH_TEST} (shared/ beside the project, or RAYBPO_SHARED_DATA)"
+    )
     return HH_TEST
 
 

@@ -1,0 +1,1 @@
+"""Policies and tokenizers: loading, the tiny config-built model, LoRA, tokenisation, batched log-probs."""

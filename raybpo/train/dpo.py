@@ -1,0 +1,247 @@
+"""The `train` stage: beta-DPO / DPO / IPO with LoRA on Ray Train (docs/ALGORITHMS.md section 1).
+
+The policy is the SFT model with LoRA adapters; the reference is the same weights with the adapters
+disabled (one copy in memory), or its log-probs cached by the prepare pass. `alpha=0, rho=1` is
+plain DPO. Metrics use TRL's names (`rewards/chosen`, `rewards/margins`, `logps/chosen`, ...; the
+rewards use beta0, as TRL) plus `beta`, `beta/M0`, `beta/sigma` and `filter/kept_fraction`. The eval
+loss is the plain loss at beta0 over all eval pairs, comparable across steps and runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from torch import nn
+
+from raybpo.cluster import init_ray
+from raybpo.config import Config, PolicyConfig, TrainConfig
+from raybpo.losses import BetaDPO, dpo_logits, dpo_loss, ipo_loss
+from raybpo.models.loading import load_causal_lm, load_tokenizer
+from raybpo.models.logps import collate_pairs, pair_logps
+from raybpo.rundir import MANIFEST, RunDir, StageCounts, StageMissingError, StageResult, require_stage, run_stage
+from raybpo.train.loop import Recipe, Workers, best_checkpoint, fit, unwrap, write_metrics
+from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
+
+STAGE = "train"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Wrap `model` with LoRA adapters on `cfg.lora_target_modules` (no dropout: exact and reproducible)."""
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(cfg.lora_target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+class DpoRecipe(Recipe):
+    """beta-DPO on prepared pairs (token ids, optionally cached reference log-probs)."""
+
+    def __init__(
+        self, prepared: dict[str, dict[str, list]], reference: str, policy: PolicyConfig, cfg: TrainConfig, seed: int
+    ):
+        self.splits = prepared
+        self.reference, self.policy, self.cfg = reference, policy, cfg
+        self.train_lengths = sequence_lengths(prepared["train"])
+        self.num_eval = len(prepared["eval"]["pair_id"])
+        self.beta_dpo = BetaDPO(
+            beta0=cfg.beta0,
+            alpha=cfg.alpha,
+            rho=cfg.rho,
+            momentum=cfg.momentum,
+            eps=cfg.eps,
+            loss_type=cfg.loss,
+            seed=seed,
+            normalization=cfg.kept_normalization,
+        )
+        self.pad_id = 0
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        model, tokenizer = load_causal_lm(self.reference, self.policy)
+        self.pad_id = tokenizer.pad_token_id
+        return add_lora(model, self.cfg).to(device)
+
+    def loss(self, model, rows, workers: Workers, training: bool):
+        data = self.splits["train" if training else "eval"]
+        batch = collate_pairs(
+            [data["prompt_ids"][i] for i in rows],
+            [data["chosen_ids"][i] for i in rows],
+            [data["rejected_ids"][i] for i in rows],
+            self.pad_id,
+        )
+        batch = {k: v.to(workers.device) for k, v in batch.items()}
+        policy_chosen, policy_rejected = pair_logps(model, batch)
+        if data["ref_chosen_logps"][rows[0]] is not None:
+            ref_chosen = torch.tensor([data["ref_chosen_logps"][i] for i in rows], device=workers.device)
+            ref_rejected = torch.tensor([data["ref_rejected_logps"][i] for i in rows], device=workers.device)
+        else:
+            with torch.no_grad(), unwrap(model).disable_adapter():
+                ref_chosen, ref_rejected = pair_logps(unwrap(model), batch)
+        h = dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+        chosen_rewards = self.cfg.beta0 * (policy_chosen - ref_chosen).detach()
+        rejected_rewards = self.cfg.beta0 * (policy_rejected - ref_rejected).detach()
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": policy_chosen.detach().mean(),
+            "logps/rejected": policy_rejected.detach().mean(),
+        }
+        if not training:
+            plain = dpo_loss if self.cfg.loss == "dpo" else ipo_loss
+            loss = plain(h, self.cfg.beta0).mean()
+            return loss, {**metrics, "loss": loss.detach()}
+        out = self.beta_dpo(h, gather=workers.gather, rank=workers.rank, world_size=workers.world_size)
+        metrics.update(
+            {
+                "loss": out.loss.detach(),
+                "beta": torch.as_tensor(float(out.beta)),
+                "beta/M0": torch.as_tensor(float(out.m0)),
+                "beta/sigma": torch.as_tensor(float(out.sigma)),
+                "filter/kept_fraction": torch.as_tensor(float(out.kept_fraction)),
+            }
+        )
+        return out.loss, metrics
+
+    def save_model(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+
+    def load_model(self, model: nn.Module, directory: Path) -> None:
+        set_peft_model_state_dict(model, load_file(str(directory / ADAPTER_WEIGHTS)))
+
+    def state_dict(self) -> dict:
+        return {"beta_dpo": self.beta_dpo.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta_dpo.load_state_dict(state["beta_dpo"])
+
+
+def make_dpo_recipe(run_dir: str, reference: str, policy: dict, train: dict, seed: int) -> DpoRecipe:
+    """Built inside each Ray Train worker: reads the prepared pairs of `run_dir`."""
+    rd = RunDir(run_dir)
+    return DpoRecipe(
+        load_prepared(rd.path(STAGE, "prepared"), rd),
+        reference,
+        PolicyConfig.model_validate(policy),
+        TrainConfig.model_validate(train),
+        seed,
+    )
+
+
+def input_pairs(run_dir: RunDir) -> tuple[str, dict]:
+    """The pairs to train on: the depth stage's selection when it has run, else all ingested pairs."""
+    if run_dir.exists("depth", MANIFEST):
+        return run_dir.path("depth", "selected_pairs"), require_stage(run_dir, "depth")
+    return run_dir.path("ingest", "pairs"), require_stage(run_dir, "ingest")
+
+
+def reference_model(cfg: Config, run_dir: RunDir) -> tuple[str, dict]:
+    """The reference policy: the sft stage's model when it has run, else `policy.model` itself."""
+    if run_dir.exists("sft", MANIFEST):
+        return run_dir.local_dir("sft", "model"), require_stage(run_dir, "sft")
+    if cfg.policy.model == "tiny":
+        raise StageMissingError("the tiny policy is created by the sft stage: run `raybpo sft` first")
+    return cfg.policy.model, {"config_hash": cfg.section_hash("policy"), "created_at": ""}
+
+
+def run_train(cfg: Config) -> StageResult:
+    """The `train` stage: prepare pairs (+ reference log-probs), beta-DPO with LoRA, write `train/policy/`."""
+    run_dir = RunDir(cfg.run_dir)
+    pairs_path, pairs_manifest = input_pairs(run_dir)
+    reference, reference_manifest = reference_model(cfg, run_dir)
+    inputs = {
+        "pairs": pairs_manifest["config_hash"] + pairs_manifest["created_at"],
+        "reference": reference_manifest["config_hash"] + reference_manifest["created_at"],
+    }
+
+    def body(stage_path: str) -> StageCounts:
+        counts = prepare(
+            pairs_path,
+            run_dir.path(STAGE, "prepared"),
+            run_dir,
+            reference,
+            cfg.policy,
+            cfg.train.max_length,
+            cfg.train.max_prompt_length,
+            cfg.train.eval_fraction,
+            reference=cfg.train.precompute_ref_logps,
+        )
+        factory = functools.partial(
+            make_dpo_recipe,
+            cfg.run_dir,
+            reference,
+            cfg.policy.model_dump(mode="json"),
+            cfg.train.model_dump(mode="json"),
+            cfg.seed,
+        )
+        name = f"train-{cfg.section_hash('policy', 'train')[:12]}"
+        result = fit(
+            name,
+            factory,
+            cfg.train,
+            cfg.seed,
+            run_dir.uri_of("checkpoints"),
+            counts["eval"] > 0,
+            tensorboard_dir=run_dir.path(STAGE, "tensorboard") if run_dir.is_local() else None,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            history = write_metrics(result, Path(tmp) / "metrics.jsonl")
+            run_dir.write_bytes(f"{STAGE}/metrics.jsonl", (Path(tmp) / "metrics.jsonl").read_bytes())
+            recipe = factory()
+            model = recipe.build_model(torch.device("cpu"))
+            recipe.load_model(model, best_checkpoint(result, counts["eval"] > 0))
+            tokenizer = load_tokenizer(reference, cfg.policy)
+            adapter = Path(tmp) / "adapter"
+            model.save_pretrained(adapter, safe_serialization=True)
+            tokenizer.save_pretrained(adapter)
+            run_dir.upload_dir(adapter, STAGE, "policy", "adapter")
+            if cfg.train.merge:
+                merged = Path(tmp) / "merged"
+                model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
+                tokenizer.save_pretrained(merged)
+                run_dir.upload_dir(merged, STAGE, "policy", "merged")
+        final = history[-1] if history else {}
+        return StageCounts(
+            rows_in=counts["rows"],
+            rows_out=counts["train"] + counts["eval"],
+            rows_quarantined=counts["does_not_fit"],
+            quarantine_reasons={"does_not_fit": counts["does_not_fit"]} if counts["does_not_fit"] else {},
+            extra={
+                "pairs": {"train": counts["train"], "eval": counts["eval"], "input": pairs_path},
+                "reference": reference,
+                "steps": final.get("step"),
+                "final_metrics": {k: v for k, v in final.items() if k in FINAL_METRICS},
+                "outputs": {
+                    "adapter": "policy/adapter/",
+                    **({"merged": "policy/merged/"} if cfg.train.merge else {}),
+                    "metrics": "metrics.jsonl",
+                    "prepared": "prepared/",
+                },
+            },
+        )
+
+    init_ray(cfg.ray)
+    return run_stage(run_dir, STAGE, cfg, ("policy", "train"), inputs, body)
+
+
+FINAL_METRICS = (
+    "loss",
+    "eval_loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "beta",
+    "beta/M0",
+    "beta/sigma",
+    "filter/kept_fraction",
+)

@@ -1,0 +1,170 @@
+"""The `sft` stage: supervised warm-up of the policy on chosen responses (prompt tokens masked).
+
+On the built-in benchmark the policy is the tiny config-built Llama, trained here from random
+weights (all parameters) into a mediocre starting point: it learns the benchmark's language and the
+average of its chosen responses, flipped labels and all, so alignment has room to show. A real
+model (SmolLM2, a Hub id) can be trained with LoRA adapters instead (`sft.lora`), merged at the end.
+The output, `<run_dir>/sft/model/`, is a full Hugging Face model (safetensors): the reference policy
+of every later stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from torch import nn
+
+from raybpo.cluster import init_ray
+from raybpo.config import Config, PolicyConfig, SftConfig, TrainConfig
+from raybpo.models.loading import load_causal_lm, load_tokenizer
+from raybpo.models.logps import collate, token_logps
+from raybpo.models.tiny import build_tiny_model
+from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage
+from raybpo.train.dpo import ADAPTER_WEIGHTS, add_lora
+from raybpo.train.loop import Recipe, Workers, best_checkpoint, fit, write_metrics
+from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
+
+STAGE = "sft"
+FULL_WEIGHTS = "model.safetensors"
+
+
+def response_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood per response token (prompt and padding masked)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["response_mask"][:, 1:]
+    return -(token_logps(logits, batch["input_ids"]) * mask).sum() / mask.sum().clamp(min=1)
+
+
+class SftRecipe(Recipe):
+    """Next-token loss on (prompt, chosen) examples; all weights, or LoRA adapters."""
+
+    def __init__(
+        self, prepared: dict[str, dict[str, list]], base: str, policy: PolicyConfig, cfg: SftConfig, lora: TrainConfig
+    ):
+        self.splits, self.base, self.policy, self.cfg, self.lora = prepared, base, policy, cfg, lora
+        self.train_lengths = sequence_lengths(prepared["train"])
+        self.num_eval = len(prepared["eval"]["pair_id"])
+        self.pad_id = 0
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        model, tokenizer = load_causal_lm(self.base, self.policy)
+        self.pad_id = tokenizer.pad_token_id
+        return (add_lora(model, self.lora) if self.cfg.lora else model).to(device)
+
+    def loss(self, model, rows, workers: Workers, training: bool):
+        data = self.splits["train" if training else "eval"]
+        batch = collate([(data["prompt_ids"][i], data["response_ids"][i]) for i in rows], self.pad_id)
+        loss = response_nll(model, {k: v.to(workers.device) for k, v in batch.items()})
+        return loss, {"loss": loss.detach()}
+
+    def save_model(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+
+    def load_model(self, model: nn.Module, directory: Path) -> None:
+        if self.cfg.lora:
+            set_peft_model_state_dict(model, load_file(str(directory / ADAPTER_WEIGHTS)))
+            return
+        missing, unexpected = model.load_state_dict(load_file(str(directory / FULL_WEIGHTS)), strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(
+                f"checkpoint {directory} does not match the model: missing {missing}, extra {unexpected}"
+            )
+        model.tie_weights()
+
+
+def make_sft_recipe(run_dir: str, base: str, policy: dict, sft: dict, train: dict) -> SftRecipe:
+    """Built inside each Ray Train worker: reads the prepared examples of `run_dir`."""
+    rd = RunDir(run_dir)
+    return SftRecipe(
+        load_prepared(rd.path(STAGE, "prepared"), rd),
+        base,
+        PolicyConfig.model_validate(policy),
+        SftConfig.model_validate(sft),
+        TrainConfig.model_validate(train),
+    )
+
+
+def run_sft(cfg: Config) -> StageResult:
+    """The `sft` stage: build or load the base policy, tokenise (prompt, chosen), train, write `sft/model/`."""
+    run_dir = RunDir(cfg.run_dir)
+    ingest = require_stage(run_dir, "ingest")
+    sections = ("policy", "sft", "train") if cfg.sft.lora else ("policy", "sft")
+
+    def body(stage_path: str) -> StageCounts:
+        with tempfile.TemporaryDirectory() as tmp:
+            if cfg.policy.model == "tiny":
+                texts = pads.dataset(run_dir.path("ingest", "pairs"), filesystem=run_dir.fs).to_table(
+                    columns=["prompt", "chosen", "rejected"]
+                )
+                build_tiny_model(
+                    (t for column in texts.columns for t in column.to_pylist()), cfg.policy.tiny, tmp, cfg.seed
+                )
+                run_dir.upload_dir(tmp, STAGE, "base")
+                base = run_dir.local_dir(STAGE, "base")
+            else:
+                base = cfg.policy.model
+            counts = prepare(
+                run_dir.path("ingest", "pairs"),
+                run_dir.path(STAGE, "prepared"),
+                run_dir,
+                base,
+                cfg.policy,
+                cfg.sft.max_length,
+                cfg.sft.max_prompt_length,
+                cfg.sft.eval_fraction,
+                reference=False,
+                examples=True,
+            )
+            factory = functools.partial(
+                make_sft_recipe,
+                cfg.run_dir,
+                base,
+                cfg.policy.model_dump(mode="json"),
+                cfg.sft.model_dump(mode="json"),
+                cfg.train.model_dump(mode="json"),
+            )
+            name = f"sft-{cfg.section_hash(*sections)[:12]}"
+            result = fit(
+                name,
+                factory,
+                cfg.sft,
+                cfg.seed,
+                run_dir.uri_of("checkpoints"),
+                counts["eval"] > 0,
+                tensorboard_dir=run_dir.path(STAGE, "tensorboard") if run_dir.is_local() else None,
+            )
+            history = write_metrics(result, Path(tmp) / "metrics.jsonl")
+            run_dir.write_bytes(f"{STAGE}/metrics.jsonl", (Path(tmp) / "metrics.jsonl").read_bytes())
+            recipe = factory()
+            model = recipe.build_model(torch.device("cpu"))
+            recipe.load_model(model, best_checkpoint(result, counts["eval"] > 0))
+            if cfg.sft.lora:
+                model = model.merge_and_unload()
+            out = Path(tmp) / "model"
+            model.save_pretrained(out, safe_serialization=True)
+            load_tokenizer(base, cfg.policy).save_pretrained(out)
+            run_dir.upload_dir(out, STAGE, "model")
+        final = history[-1] if history else {}
+        return StageCounts(
+            rows_in=ingest["rows_out"],
+            rows_out=counts["train"] + counts["eval"],
+            rows_quarantined=counts["does_not_fit"],
+            quarantine_reasons={"does_not_fit": counts["does_not_fit"]} if counts["does_not_fit"] else {},
+            extra={
+                "examples": {"train": counts["train"], "eval": counts["eval"]},
+                "steps": final.get("step"),
+                "final_metrics": {k: final[k] for k in ("loss", "eval_loss") if k in final},
+                "base_model": cfg.policy.model,
+                "outputs": {"model": "model/", "metrics": "metrics.jsonl", "prepared": "prepared/"},
+            },
+        )
+
+    init_ray(cfg.ray)
+    return run_stage(run_dir, STAGE, cfg, sections, {"ingest": ingest["config_hash"] + ingest["created_at"]}, body)
