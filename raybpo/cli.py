@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from raybpo.config import FORMATS, Config, ConfigError, SourceSpec, load_config
 from raybpo.data.export import export_trl
@@ -32,6 +33,7 @@ PLANNED = {
     "evaluate": "win rates, reward-model accuracy and ECE",
     "report": "the report (markdown and HTML) with every stage's plots",
 }
+DEMO_PRESET = str(Path(__file__).parent / "presets" / "demo.yaml")
 SOURCE_OPTIONS = ("format", "name", "split", "subset", "pku_preference")
 COLUMN_KEYS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
 
@@ -103,12 +105,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The built-in benchmark, offline, end to end as far as the pipeline is built."""
-    cfg = _config(args)
-    cfg.ingest.preset = "benchmark"
-    cfg.ingest.sources = []
-    _print_result(ingest(cfg), cfg.run_dir)
-    print(f"\nThe built-in benchmark's raw files (per-source pairs, held-out prompts): {cfg.run_dir}/ingest/benchmark/")
-    print("Later stages (reward, sft, breadth, generate, score, depth, train, evaluate) are not built yet.")
+    cfg = load_config(args.config or DEMO_PRESET, args.overrides)
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    for stage in (ingest, run_sft, run_train):
+        _print_result(stage(cfg), cfg.run_dir)
+    print(f"\nThe benchmark's files (per-source pairs, held-out prompts): {cfg.run_dir}/ingest/benchmark/")
+    print(f"The trained policy: {cfg.run_dir}/train/policy/ (the SFT reference: {cfg.run_dir}/sft/model/)")
+    print("Not built yet: reward, breadth, generate, score, depth, evaluate, report.")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -190,9 +190,10 @@ def test_unknown_format_and_missing_inputs_are_clear_errors(tmp_path):
         resolve_source(SourceSpec(path="no-such-org/no-such-dataset"))
 
 
-def test_cli_demo_export_and_errors(ray_session, tmp_path, capsys):
+def test_cli_ingest_export_and_errors(ray_session, tmp_path, capsys):
     run_dir = tmp_path / "demo"
-    assert main(["demo", "--run-dir", str(run_dir), "benchmark.pairs_per_source=50", "benchmark.eval_prompts=8"]) == 0
+    args = ["--run-dir", str(run_dir), "benchmark.pairs_per_source=50", "benchmark.eval_prompts=8"]
+    assert main(["ingest", "--preset", "benchmark", *args]) == 0
     out = capsys.readouterr().out
     assert "rows in 150, out 150, quarantined 0" in out and f"{run_dir}/ingest/pairs/" in out
     assert len((run_dir / "ingest" / "benchmark" / "eval_prompts.jsonl").read_text().splitlines()) == 8

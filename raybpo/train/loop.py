@@ -179,11 +179,11 @@ def _metrics_mean(workers: Workers, metrics: list[dict[str, torch.Tensor]]) -> d
     return dict(zip(names, workers.mean(local.to(workers.device)).tolist(), strict=True))
 
 
-def train_loop(config: dict[str, Any]) -> list[dict[str, float]]:
+def train_loop(config: dict[str, Any]) -> dict[str, list]:
     """`train_loop_per_worker` of the TorchTrainer: config = {"recipe": factory, "loop": ..., "seed": ...}.
 
-    Returns the metric history (every logged and checkpointed step; it is kept in the checkpoints,
-    so a resumed run returns the whole history).
+    Returns {"history": the metrics of every logged and checkpointed step, "resumed_from": the step of
+    each checkpoint the run resumed from}; both live in the checkpoints, so a resumed run returns all.
     """
     import ray.train
     import ray.train.torch
@@ -210,11 +210,12 @@ def train_loop(config: dict[str, Any]) -> list[dict[str, float]]:
         optimizer, warmup_cosine(len(plan), int(loop_cfg.warmup_ratio * len(plan)))
     )
 
-    state: dict[str, Any] = {"step": 0, "bad_steps": 0, "best_eval_loss": None, "history": []}
+    state: dict[str, Any] = {"step": 0, "bad_steps": 0, "best_eval_loss": None, "history": [], "resumed_from": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = Checkpointer.load(Path(directory), recipe, model, optimizer, scheduler, workers.rank)
+        state["resumed_from"].append(state["step"])
         if workers.rank == 0:
             print(f"[{config['name']}] resumed from step {state['step']} of {len(plan)}", flush=True)
 
@@ -287,7 +288,7 @@ def train_loop(config: dict[str, Any]) -> list[dict[str, float]]:
             ray.train.report(metrics)
     if writer is not None:
         writer.close()
-    return state["history"]
+    return {"history": state["history"], "resumed_from": state["resumed_from"]}
 
 
 @torch.no_grad()
@@ -377,6 +378,6 @@ def best_checkpoint(result, has_eval: bool) -> Path:
 
 def write_metrics(result, path: Path) -> list[dict[str, Any]]:
     """The run's metric history (logged and checkpointed steps) as JSON lines; returns it."""
-    rows = result.return_value or []
+    rows = result.return_value["history"]
     path.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
     return rows

@@ -1,0 +1,126 @@
+"""Tiny model and tokenizer, tokenisation edge cases, batched log-probs, length bucketing."""
+
+import pytest
+import torch
+
+from raybpo.config import TinyModelConfig
+from raybpo.data.benchmark import TOPICS
+from raybpo.data.schema import canonical_prompt
+from raybpo.models.loading import ModelNotFoundError, load_causal_lm, resolve_model_path
+from raybpo.models.logps import collate, collate_pairs, length_bucketed_batches, pair_logps, sequence_logps
+from raybpo.models.tiny import build_tiny_model
+from raybpo.models.tokenize import TokenizationError, encode_example, encode_pair, render_prompt
+
+TEXTS = [f"Describe the {t}. The {t} is {' '.join(facts)}." for t, facts in TOPICS.items()] * 4
+TINY = TinyModelConfig(vocab_size=640, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = build_tiny_model(TEXTS, TINY, tmp_path_factory.mktemp("tiny"), seed=0)
+    return load_causal_lm(str(path))
+
+
+def test_tiny_model_is_saved_as_safetensors_and_reloads_identically(tiny, tmp_path):
+    model, tokenizer = tiny
+    path = build_tiny_model(TEXTS, TINY, tmp_path, seed=0)
+    assert (path / "model.safetensors").exists() and (path / "tokenizer.json").exists()
+    again, _ = load_causal_lm(str(path))
+    for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    text = "Describe the volcano. The volcano is lava, magma!"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert len(tokenizer("The volcano is lava")["input_ids"]) <= 5  # BPE learned the benchmark's words
+
+
+def test_long_prompt_keeps_its_end_and_responses_end_with_eos(tiny):
+    _, tokenizer = tiny
+    prompt = " ".join(f"word{i}" for i in range(200)) + " Describe the cat."
+    pair = encode_pair(tokenizer, prompt, "The cat is furry.", "No.", max_length=64, max_prompt_length=16)
+    assert len(pair.prompt) == 16
+    assert tokenizer.decode(pair.prompt).endswith("Describe the cat.")
+    assert pair.chosen[-1] == pair.rejected[-1] == tokenizer.eos_token_id
+    assert len(pair.prompt) + max(len(pair.chosen), len(pair.rejected)) <= 64
+
+
+def test_long_response_is_cut_to_fit(tiny):
+    _, tokenizer = tiny
+    pair = encode_pair(tokenizer, "Describe the cat.", "furry " * 100, "No.", max_length=32, max_prompt_length=16)
+    assert len(pair.prompt) + len(pair.chosen) == 32 and pair.rejected[-1] == tokenizer.eos_token_id
+
+
+def test_empty_response_is_just_eos(tiny):
+    _, tokenizer = tiny
+    prompt_ids, response_ids = encode_example(tokenizer, "Describe the cat.", "", max_length=64, max_prompt_length=32)
+    assert response_ids == [tokenizer.eos_token_id] and prompt_ids[0] == tokenizer.bos_token_id
+
+
+def test_nothing_of_the_response_fits_is_an_error(tiny):
+    _, tokenizer = tiny
+    with pytest.raises(TokenizationError, match="nothing of the response fits"):
+        encode_pair(tokenizer, "Describe the cat. " * 20, "furry", "no", max_length=16, max_prompt_length=16)
+
+
+def test_chat_template_is_applied_to_text_and_chat_prompts(tiny):
+    _, tokenizer = tiny
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hey"},
+        {"role": "user", "content": "?"},
+    ]
+    assert render_prompt(tokenizer, "Describe the cat.") == "Describe the cat."  # the tiny model has no template
+    assert render_prompt(tokenizer, canonical_prompt(messages)) == "user: Hi\nassistant: Hey\nuser: ?\nassistant:"
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    try:
+        assert render_prompt(tokenizer, "Describe the cat.") == "<|user|>Describe the cat.<|assistant|>"
+        assert render_prompt(tokenizer, canonical_prompt(messages)).endswith("<|user|>?<|assistant|>")
+        assert render_prompt(tokenizer, "Describe the cat.", use_chat_template=False) == "Describe the cat."
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_concatenated_forward_equals_one_sequence_at_a_time(tiny):
+    model, tokenizer = tiny
+    pairs = [
+        encode_pair(tokenizer, p, c, r, max_length=64, max_prompt_length=32)
+        for p, c, r in [
+            ("Describe the cat.", "The cat is small and furry.", "It is."),
+            ("Tell me about the moon, please, in detail.", "The moon has craters.", "The moon is salty waves deep."),
+            ("Hi!", "Sure!", "I hate this."),
+        ]
+    ]
+    batch = collate_pairs(
+        [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs], tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        chosen, rejected = pair_logps(model, batch)
+        for i, pair in enumerate(pairs):
+            for response, batched in ((pair.chosen, chosen[i]), (pair.rejected, rejected[i])):
+                alone = sequence_logps(model, collate([(pair.prompt, response)], tokenizer.pad_token_id))
+                assert batched.item() == pytest.approx(alone.item(), abs=1e-4)
+                ids = torch.tensor([pair.prompt + response])
+                logits = model(ids).logits[0, :-1].log_softmax(-1)
+                by_hand = sum(logits[t - 1, ids[0, t]].item() for t in range(len(pair.prompt), ids.shape[1]))
+                assert batched.item() == pytest.approx(by_hand, abs=1e-4)
+
+
+def test_length_buckets_are_deterministic_full_and_cover_each_row_once():
+    lengths = [((i * 37) % 101) + 1 for i in range(203)]
+    batches = length_bucketed_batches(lengths, batch_size=8, seed=3, epoch=1)
+    assert batches == length_bucketed_batches(lengths, batch_size=8, seed=3, epoch=1)
+    assert batches != length_bucketed_batches(lengths, batch_size=8, seed=3, epoch=2)
+    flat = [i for b in batches for i in b]
+    assert len(flat) == len(set(flat)) == 200 and all(len(b) == 8 for b in batches)
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 15  # bucketing: similar lengths share a batch (random batches spread about 75)
+
+
+def test_model_names_resolve_or_fail_clearly(tmp_path):
+    assert resolve_model_path("smollm2-135m-instruct")[1] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelNotFoundError, match="needs a network"):
+        load_causal_lm("no-such-org/no-such-model")

@@ -1,0 +1,190 @@
+"""The Ray Train loop: exact multi-worker behaviour, restart after a worker failure, the NaN guard.
+
+All runs share one small benchmark run directory, a tiny config-built reference model and its
+prepared pairs (token ids + cached reference log-probs).
+"""
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import ray.cloudpickle
+import torch
+from safetensors.torch import load_file
+
+from raybpo.config import Config, TinyModelConfig
+from raybpo.models.tiny import build_tiny_model
+from raybpo.rundir import RunDir
+from raybpo.stages.ingest import ingest
+from raybpo.train.dpo import ADAPTER_WEIGHTS, DpoRecipe, make_dpo_recipe
+from raybpo.train.loop import NonFiniteLossError, count_bad_steps, fit, step_plan
+from raybpo.train.prepare import prepare
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the recipes below run in Ray workers
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, tmp_path_factory):
+    """(config, reference model path): 240 benchmark pairs, prepared for DPO with cached reference log-probs."""
+    root = tmp_path_factory.mktemp("training")
+    cfg = Config(run_dir=str(root / "run"))
+    cfg.ingest.preset = "benchmark"
+    cfg.benchmark.pairs_per_source = 80
+    ingest(cfg)
+    run_dir = RunDir(cfg.run_dir)
+    texts = [json.loads(line)["chosen"] for line in (root / "run/ingest/benchmark/helpful.jsonl").open()]
+    reference = str(
+        build_tiny_model(
+            texts, TinyModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64), root / "tiny", seed=0
+        )
+    )
+    cfg.policy.model = reference
+    cfg.train.eval_fraction = 0.0
+    counts = prepare(
+        run_dir.path("ingest", "pairs"),
+        run_dir.path("train", "prepared"),
+        run_dir,
+        reference,
+        cfg.policy,
+        128,
+        64,
+        0.0,
+        reference=True,
+    )
+    assert counts == {"rows": 240, "train": 240, "eval": 0, "does_not_fit": 0}
+    return cfg, reference
+
+
+def _fit(cfg: Config, name: str, factory=None, **train):
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1e-2, "epochs": 1, **train})})
+    factory = factory or functools.partial(
+        make_dpo_recipe,
+        cfg.run_dir,
+        cfg.policy.model,
+        cfg.policy.model_dump(mode="json"),
+        cfg.train.model_dump(mode="json"),
+        cfg.seed,
+    )
+    result = fit(name, factory, cfg.train, cfg.seed, str(Path(cfg.run_dir) / "checkpoints"), has_eval=False)
+    return result, load_file(str(Path(result.checkpoint.to_directory()) / ADAPTER_WEIGHTS))
+
+
+SETTINGS = {"batch_size": 16, "checkpoint_every": 4, "kept_normalization": "global", "alpha": 0.6, "rho": 0.8}
+
+
+@pytest.fixture(scope="module")
+def two_workers(prepared):
+    cfg, _ = prepared
+    return _fit(cfg, "two-workers", num_workers=2, micro_batch_size=4, **SETTINGS)
+
+
+def test_two_workers_equal_one_worker_with_the_same_global_batch(prepared, two_workers):
+    cfg, _ = prepared
+    one_result, one = _fit(cfg, "one-worker", num_workers=1, micro_batch_size=8, **SETTINGS)
+    two_result, two = two_workers
+    assert one.keys() == two.keys() and len(one) > 0
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], atol=2e-6, rtol=1e-4)
+    one_history, two_history = one_result.return_value["history"], two_result.return_value["history"]
+    assert [h["step"] for h in one_history] == [h["step"] for h in two_history]
+    for a, b in zip(one_history, two_history, strict=True):  # the same gathered margins: same M0, sigma, beta
+        for key in ("beta", "beta/M0", "beta/sigma", "filter/kept_fraction", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert any(abs(h["beta"] - 0.1) > 1e-4 for h in two_history)  # the dynamic beta really moved
+    assert two_history[-1]["filter/kept_fraction"] == pytest.approx(0.75)  # floor(8 * 0.8) / 8 per micro-batch
+
+
+class CrashOnce(DpoRecipe):
+    """Rank 1 raises in step 6 of the first attempt, after the step-4 checkpoint (a marker file remembers)."""
+
+    marker: Path
+
+    def loss(self, model, rows, workers, training):
+        self.calls = getattr(self, "calls", 0) + 1
+        if workers.rank == 1 and self.calls == 11 and not self.marker.exists():
+            self.marker.write_text("crashed")
+            raise RuntimeError("injected worker failure")
+        return super().loss(model, rows, workers, training)
+
+
+def _crash_once(marker: str, *args) -> CrashOnce:
+    recipe = make_dpo_recipe(*args)
+    recipe.__class__ = CrashOnce
+    recipe.marker = Path(marker)
+    return recipe
+
+
+def test_failed_worker_is_restarted_and_resumes_from_its_checkpoint(prepared, two_workers, tmp_path):
+    cfg, _ = prepared
+    marker = tmp_path / "crashed"
+    train = cfg.train.model_copy(update={"lr": 1e-2, "num_workers": 2, "micro_batch_size": 4, **SETTINGS})
+    factory = functools.partial(
+        _crash_once,
+        str(marker),
+        cfg.run_dir,
+        cfg.policy.model,
+        cfg.policy.model_dump(mode="json"),
+        train.model_dump(mode="json"),
+        cfg.seed,
+    )
+    result, crashed = _fit(cfg, "crash-once", factory, num_workers=2, micro_batch_size=4, **SETTINGS)
+    assert marker.exists()  # the failure happened
+    _, uninterrupted = two_workers
+    for name in crashed:
+        torch.testing.assert_close(crashed[name], uninterrupted[name], atol=1e-6, rtol=1e-5)
+    assert result.return_value["resumed_from"] == [4]  # the restarted group resumed at the step-4 checkpoint
+    steps = [h["step"] for h in result.return_value["history"]]
+    assert steps == sorted(set(steps))  # the history came back with the checkpoint, without repeats
+
+
+class NanLoss(DpoRecipe):
+    """Non-finite losses on optimizer steps 2 and 3 (or always)."""
+
+    always: bool
+
+    def loss(self, model, rows, workers, training):
+        loss, metrics = super().loss(model, rows, workers, training)
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.always or self.calls in (3, 4, 5, 6):  # micro-batches of steps 2 and 3 (2 per step)
+            loss = loss * float("nan")
+        return loss, metrics
+
+
+def _nan_recipe(always: bool, *args) -> NanLoss:
+    recipe = make_dpo_recipe(*args)
+    recipe.__class__ = NanLoss
+    recipe.always = always
+    return recipe
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(prepared):
+    cfg, _ = prepared
+    settings = {**SETTINGS, "num_workers": 1, "micro_batch_size": 8, "max_bad_steps": 3, "max_failures": 0}
+    train = cfg.train.model_copy(update={"lr": 1e-2, **settings}).model_dump(mode="json")
+    args = (cfg.run_dir, cfg.policy.model, cfg.policy.model_dump(mode="json"), train, cfg.seed)
+    result, _ = _fit(cfg, "nan-some", functools.partial(_nan_recipe, False, *args), log_every=1, **settings)
+    history = {h["step"]: h for h in result.return_value["history"]}
+    assert [s for s, h in history.items() if h["grad_norm"] != h["grad_norm"]] == [2, 3]
+    assert len(history) == 15 and all(h["grad_norm"] == h["grad_norm"] for s, h in history.items() if s > 3)
+    with pytest.raises(Exception, match="3 optimizer steps in a row had a non-finite loss"):
+        _fit(cfg, "nan-always", functools.partial(_nan_recipe, True, *args), **settings)
+
+
+def test_bad_step_counter():
+    assert count_bad_steps(True, 4, 5, step=10) == 0
+    assert count_bad_steps(False, 3, 5, step=10) == 4
+    with pytest.raises(NonFiniteLossError, match=r"5 optimizer steps in a row.*the last at step 10"):
+        count_bad_steps(False, 4, 5, step=10)
+
+
+def test_step_plan_is_the_same_global_batches_for_any_worker_count():
+    lengths = list(range(100))
+    one = step_plan(lengths, Config().train.model_copy(update={"batch_size": 16, "micro_batch_size": 8}), seed=1)
+    two = step_plan(
+        lengths,
+        Config().train.model_copy(update={"batch_size": 16, "micro_batch_size": 4, "num_workers": 2}),
+        seed=1,
+    )
+    assert one == two and len(one) == 6 and all(len(step) == 2 and len(step[0]) == 8 for step in one)
