@@ -24,7 +24,7 @@ from raybpo.losses import BetaDPO, dpo_logits, dpo_loss, ipo_loss
 from raybpo.models.loading import load_causal_lm, load_tokenizer
 from raybpo.models.logps import collate_pairs, pair_logps
 from raybpo.rundir import MANIFEST, RunDir, StageCounts, StageMissingError, StageResult, require_stage, run_stage
-from raybpo.train.loop import Recipe, Workers, best_checkpoint, fit, unwrap, write_metrics
+from raybpo.train.loop import Recipe, Workers, best_checkpoint, checkpoint_name, fit, unwrap, write_metrics
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
 
 STAGE = "train"
@@ -185,7 +185,7 @@ def run_train(cfg: Config) -> StageResult:
             cfg.train.model_dump(mode="json"),
             cfg.seed,
         )
-        name = f"train-{cfg.section_hash('policy', 'train')[:12]}"
+        name = checkpoint_name(STAGE, cfg.section_hash("policy", "train"), inputs)
         result = fit(
             name,
             factory,

@@ -19,6 +19,7 @@ state.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -320,6 +321,12 @@ def _tensorboard(directory: str | None):
 
     os.makedirs(directory, exist_ok=True)
     return SummaryWriter(directory)
+
+
+def checkpoint_name(stage: str, config_hash: str, inputs: dict[str, str]) -> str:
+    """The Ray Train run name of a stage: the same config and inputs resume the same checkpoints."""
+    identity = json.dumps({"config": config_hash, "inputs": inputs}, sort_keys=True).encode()
+    return f"{stage}-{hashlib.sha256(identity).hexdigest()[:12]}"
 
 
 def fit(

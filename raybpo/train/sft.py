@@ -27,7 +27,7 @@ from raybpo.models.logps import collate, token_logps
 from raybpo.models.tiny import build_tiny_model
 from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage
 from raybpo.train.dpo import ADAPTER_WEIGHTS, add_lora
-from raybpo.train.loop import Recipe, Workers, best_checkpoint, fit, write_metrics
+from raybpo.train.loop import Recipe, Workers, best_checkpoint, checkpoint_name, fit, write_metrics
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
 
 STAGE = "sft"
@@ -96,6 +96,7 @@ def run_sft(cfg: Config) -> StageResult:
     run_dir = RunDir(cfg.run_dir)
     ingest = require_stage(run_dir, "ingest")
     sections = ("policy", "sft", "train") if cfg.sft.lora else ("policy", "sft")
+    inputs = {"ingest": ingest["config_hash"] + ingest["created_at"]}
 
     def body(stage_path: str) -> StageCounts:
         with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +131,7 @@ def run_sft(cfg: Config) -> StageResult:
                 cfg.sft.model_dump(mode="json"),
                 cfg.train.model_dump(mode="json"),
             )
-            name = f"sft-{cfg.section_hash(*sections)[:12]}"
+            name = checkpoint_name(STAGE, cfg.section_hash(*sections), inputs)
             result = fit(
                 name,
                 factory,
@@ -167,4 +168,4 @@ def run_sft(cfg: Config) -> StageResult:
         )
 
     init_ray(cfg.ray)
-    return run_stage(run_dir, STAGE, cfg, sections, {"ingest": ingest["config_hash"] + ingest["created_at"]}, body)
+    return run_stage(run_dir, STAGE, cfg, sections, inputs, body)
