@@ -13,18 +13,19 @@ from pathlib import Path
 
 from raybpo.config import FORMATS, Config, ConfigError, SourceSpec, load_config
 from raybpo.data.export import export_trl
+from raybpo.evaluate import markdown_table
 from raybpo.models.loading import ModelNotFoundError
 from raybpo.models.tokenize import TokenizationError
 from raybpo.rundir import StageMissingError, StageResult
 from raybpo.stages.ingest import IngestError, ingest
 from raybpo.train.dpo import run_train
 from raybpo.train.loop import NonFiniteLossError
+from raybpo.train.reward import run_reward
 from raybpo.train.sft import run_sft
 
 # Commands whose stage a later release builds; they fail clearly instead of faking output.
 PLANNED = {
     "run": "the whole stage graph, ingest to evaluate, with skip/resume",
-    "reward": "reward-model training (MORE, multitask, single, average) on Ray Train",
     "breadth": "prompt embedding, faiss k-means and top-eta selection on Ray Data",
     "generate": "candidate generation (vLLM on GPU, Hugging Face on CPU) on Ray Data",
     "score": "candidate scoring (reward model, LLM judge, oracle) and uniform pairs",
@@ -98,6 +99,13 @@ def cmd_sft(args: argparse.Namespace) -> None:
     _print_result(run_sft(cfg), cfg.run_dir)
 
 
+def cmd_reward(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    result = run_reward(cfg)
+    _print_result(result, cfg.run_dir)
+    print(markdown_table(result.manifest["evaluation"]))
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = _config(args)
     _print_result(run_train(cfg), cfg.run_dir)
@@ -153,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a JSONL, JSONL.gz or Parquet file or folder, or a Hugging Face dataset name (repeatable)",
     )
     ingest_cmd.add_argument("--preset", choices=["benchmark"], help="generate and ingest the built-in benchmark")
+    add("reward", "reward models over several sources: MORE, multitask, single, average (Ray Train)", cmd_reward)
     add("sft", "supervised warm-up of the policy on chosen responses (Ray Train)", cmd_sft)
     add("train", "beta-DPO / DPO / IPO training with LoRA (Ray Train)", cmd_train)
     for name, description in PLANNED.items():

@@ -137,12 +137,36 @@ class LoopConfig(Section):
 
 
 class RewardConfig(LoopConfig):
+    """Bradley-Terry reward models over several sources, with MORE weights (docs/ALGORITHMS.md section 2)."""
+
     mode: Literal["more", "multitask", "single", "average"] = "more"
-    model: str = "all-MiniLM-L6-v2"
-    samples_per_source: int = Field(40_000, ge=1, description="Each source resampled to this size.")
-    pairs_per_source_per_batch: int = Field(1, ge=1)
+    model: str = Field(
+        "all-MiniLM-L6-v2",
+        description="Backbone: all-MiniLM-L6-v2 (bundled), `sft` (the sft stage's model), a folder or Hub id.",
+    )
+    samples_per_source: int | None = Field(
+        None, ge=1, description="Each source resampled (truncated or up-sampled) to this size; None: the largest."
+    )
+    pairs_per_source_per_batch: int = Field(1, ge=1, description="Pairs of every source in each micro-batch.")
     momentum: float = Field(0.99, gt=0.0, le=1.0, description="MORE head-gradient momentum (weight on new).")
     ece_bins: int = Field(10, ge=2)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> RewardConfig:
+        """Replaces LoopConfig's check: the micro-batch is set from the sources (p pairs of each)."""
+        per_step = self.pairs_per_source_per_batch * self.num_workers
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of pairs_per_source_per_batch * num_workers = "
+                f"{per_step} (and of that times the number of sources)"
+            )
+        return self
+
+    lr: float = Field(2e-5, gt=0.0)
+    batch_size: int = Field(48, ge=1)
+    micro_batch_size: int = Field(3, ge=1, description="Set by the stage: pairs_per_source_per_batch * sources.")
+    max_length: int = Field(256, ge=8)
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
 
 
 class SftConfig(LoopConfig):

@@ -11,9 +11,9 @@ optimizer step; worker r takes slice r of each. One worker with micro-batch `m *
 exactly the batches W workers with micro-batch `m` see together. The plan position is the step
 number, so a resumed run continues with the very next batch.
 
-A checkpoint holds the trainable weights (safetensors), optimizer and scheduler state, the
-recipe's state (e.g. beta-DPO's M0 and sigma), the step, the guard's count and every worker's RNG
-state.
+A checkpoint holds the trainable weights (safetensors), the optimizer, scheduler and recipe state
+(beta-DPO's M0 and sigma, MORE's momentum) in `optim.pt`, the loop state (step, the guard's count,
+the metric history) in `trainer_state.json`, and every worker's RNG state.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class Workers:
 class Recipe(ABC):
     """What a stage plugs into the loop."""
 
-    #: rows of the training split, and their sequence lengths (for length bucketing)
+    #: sequence lengths of the training rows (for the default, length-bucketed plan)
     train_lengths: np.ndarray
     #: number of rows of the evaluation split
     num_eval: int
@@ -97,6 +97,10 @@ class Recipe(ABC):
 
     @abstractmethod
     def load_model(self, model: nn.Module, directory: Path) -> None: ...
+
+    def plan(self, cfg: LoopConfig, seed: int) -> list[list[list[int]]]:
+        """Every optimizer step's global micro-batches; by default length-bucketed (`step_plan`)."""
+        return step_plan(self.train_lengths, cfg, seed)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -146,8 +150,11 @@ class Checkpointer:
     @staticmethod
     def save(directory: Path, recipe: Recipe, model: nn.Module, optimizer, scheduler, state: dict) -> None:
         recipe.save_model(unwrap(model), directory)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / "optim.pt")
-        (directory / STATE_FILE).write_text(json.dumps({**state, "recipe": recipe.state_dict()}, indent=2))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "recipe": recipe.state_dict()},
+            directory / "optim.pt",
+        )
+        (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
 
     @staticmethod
     def save_rng(directory: Path, rank: int) -> None:
@@ -159,8 +166,8 @@ class Checkpointer:
         optim = torch.load(directory / "optim.pt", weights_only=False)
         optimizer.load_state_dict(optim["optimizer"])
         scheduler.load_state_dict(optim["scheduler"])
+        recipe.load_state_dict(optim["recipe"])
         state = json.loads((directory / STATE_FILE).read_text())
-        recipe.load_state_dict(state.pop("recipe"))
         rng_file = directory / f"rng_{rank}.pt"
         if rng_file.exists():
             rng = torch.load(rng_file, weights_only=False)
@@ -202,11 +209,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, list]:
         model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=loop_cfg.lr, weight_decay=loop_cfg.weight_decay)
-    plan = step_plan(recipe.train_lengths, loop_cfg, seed)
+    plan = recipe.plan(loop_cfg, seed)
     if not plan:
-        raise ValueError(
-            f"no full optimizer step: {len(recipe.train_lengths)} training rows < batch_size={loop_cfg.batch_size}"
-        )
+        raise ValueError(f"no full optimizer step: fewer training rows than batch_size={loop_cfg.batch_size}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(len(plan), int(loop_cfg.warmup_ratio * len(plan)))
     )

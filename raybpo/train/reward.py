@@ -1,0 +1,257 @@
+"""The `reward` stage: Bradley-Terry reward models over several preference sources, on Ray Train.
+
+Modes (docs/ALGORITHMS.md section 2):
+- `more`: every micro-batch holds `pairs_per_source_per_batch` pairs of EVERY source; the loss is
+  sum_k lambda_k * L_BT(B_k), lambda the min-norm point of the normalised momentum head gradients
+  (`MoreWeighting`). The head gradients are averaged over the data-parallel workers before solving,
+  so every worker uses the same lambda (and N workers equal one worker with the same global batch).
+- `multitask`: the same batches, the plain mean Bradley-Terry loss.
+- `single`: one model per source, on that source alone.
+- `average`: the single models, evaluated as one ensemble (the mean of their rewards).
+Each source is resampled (seeded; truncated or up-sampled) to `samples_per_source` pairs. The trained
+model is a Hugging Face sequence-classification folder: `<run_dir>/reward/model/` (or
+`models/<source>/` for single and average). Evaluation per source follows in `raybpo.evaluate`.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.dataset as pads
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from raybpo.cluster import init_ray
+from raybpo.config import Config, LoopConfig, RewardConfig
+from raybpo.evaluate import evaluate_reward_models, plot_lambda, summary, write_reward_report
+from raybpo.losses import MoreWeighting, bradley_terry_head_grads, bradley_terry_loss
+from raybpo.models.reward import encode_texts, load_reward_model, pooled_and_rewards, reward_head
+from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage
+from raybpo.train.loop import Recipe, Workers, best_checkpoint, checkpoint_name, fit, unwrap, write_metrics
+from raybpo.train.prepare import split_of
+
+STAGE = "reward"
+WEIGHTS = "model.safetensors"
+
+
+def read_pairs(run_dir: RunDir, sources: list[str] | None = None) -> dict[str, list]:
+    """The ingested pairs (columns as lists), sorted by pair_id, optionally of some sources only."""
+    table = pads.dataset(run_dir.path("ingest", "pairs"), filesystem=run_dir.fs, format="parquet").to_table(
+        columns=["pair_id", "prompt", "chosen", "rejected", "source"]
+    )
+    columns = table.sort_by("pair_id").to_pydict()
+    if sources is not None:
+        keep = [i for i, s in enumerate(columns["source"]) if s in sources]
+        columns = {k: [v[i] for i in keep] for k, v in columns.items()}
+    return columns
+
+
+def resample(rows: list[int], size: int, rng: np.random.Generator) -> list[int]:
+    """`size` rows: a shuffled truncation, or whole shuffled passes plus a shuffled part (up-sampling)."""
+    out: list[int] = []
+    while len(out) < size:
+        out += [rows[i] for i in rng.permutation(len(rows))]
+    return out[:size]
+
+
+class RewardRecipe(Recipe):
+    """Bradley-Terry over multi-source micro-batches; MORE weights or the plain mean."""
+
+    def __init__(self, pairs: dict[str, list], model: str, cfg: RewardConfig, mode: str):
+        self.pairs, self.model_name, self.cfg, self.mode = pairs, model, cfg, mode
+        split = [split_of(pair_id, cfg.eval_fraction) for pair_id in pairs["pair_id"]]
+        self.sources = sorted(set(pairs["source"]))
+        self.by_source = {
+            s: [
+                i
+                for i, (src, part) in enumerate(zip(pairs["source"], split, strict=True))
+                if src == s and part == "train"
+            ]
+            for s in self.sources
+        }
+        empty = [s for s, rows in self.by_source.items() if not rows]
+        if empty:
+            raise ValueError(f"sources {empty} have no training pairs")
+        self.eval_rows = [i for i, part in enumerate(split) if part == "eval"]
+        self.num_eval = len(self.eval_rows)
+        self.train_lengths = np.zeros(0)
+        self.weighting = MoreWeighting(cfg.momentum) if mode == "more" else None
+        self.tokenizer = None
+
+    def plan(self, cfg: LoopConfig, seed: int) -> list[list[list[int]]]:
+        """Global micro-batches of `p` pairs of every source per worker; worker w's slice is [w*K*p, (w+1)*K*p)."""
+        p, workers = self.cfg.pairs_per_source_per_batch, cfg.num_workers
+        size = self.cfg.samples_per_source or max(map(len, self.by_source.values()))
+        accumulation = cfg.batch_size // (cfg.micro_batch_size * workers)
+        steps = []
+        for epoch in range(cfg.epochs):
+            rng = np.random.default_rng([seed, epoch])
+            streams = {s: resample(rows, size, rng) for s, rows in self.by_source.items()}
+            micro = [
+                [row for w in range(workers) for s in self.sources for row in streams[s][(j * workers + w) * p :][:p]]
+                for j in range(size // (workers * p))
+            ]
+            steps += [micro[i : i + accumulation] for i in range(0, len(micro) - accumulation + 1, accumulation)]
+        return steps
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        model, self.tokenizer = load_reward_model(self.model_name)
+        return model.to(device)
+
+    def rewards(self, model: nn.Module, rows: list[int], device: torch.device):
+        """(z_chosen, z_rejected, r_chosen, r_rejected) of `rows` from ONE forward over chosen + rejected."""
+        prompts = [self.pairs["prompt"][i] for i in rows]
+        responses = [self.pairs["chosen"][i] for i in rows] + [self.pairs["rejected"][i] for i in rows]
+        batch = encode_texts(self.tokenizer, prompts * 2, responses, self.cfg.max_length)
+        z, r = pooled_and_rewards(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), self.tokenizer.pad_token_id
+        )
+        n = len(rows)
+        return z[:n], z[n:], r[:n], r[n:]
+
+    def loss(self, model, rows, workers: Workers, training: bool):
+        if not training:
+            rows = [self.eval_rows[i] for i in rows]
+        z_chosen, z_rejected, r_chosen, r_rejected = self.rewards(model, rows, workers.device)
+        per_pair = bradley_terry_loss(r_chosen, r_rejected)
+        metrics: dict[str, torch.Tensor] = {
+            "rewards/accuracies": (r_chosen > r_rejected).float().mean().detach(),
+            "rewards/margins": (r_chosen - r_rejected).mean().detach(),
+        }
+        if not training or self.weighting is None:
+            loss = per_pair.mean()
+            return loss, {**metrics, "loss": loss.detach()}
+        sources = [self.pairs["source"][i] for i in rows]
+        masks = [torch.tensor([s == k for s in sources], device=workers.device) for k in self.sources]
+        head = reward_head(unwrap(model)).weight
+        grads = bradley_terry_head_grads(
+            [z_chosen[m].detach() for m in masks], [z_rejected[m].detach() for m in masks], head.detach()
+        )
+        weights = self.weighting.update(workers.mean(grads).cpu()).to(per_pair)
+        loss = sum(w * per_pair[m].mean() for w, m in zip(weights, masks, strict=True))
+        metrics.update({f"lambda/{k}": w.detach() for k, w in zip(self.sources, weights, strict=True)})
+        return loss, {**metrics, "loss": loss.detach()}
+
+    def save_model(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+
+    def load_model(self, model: nn.Module, directory: Path) -> None:
+        missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=False)
+        if unexpected or any("score" in k or "classifier" in k for k in missing):
+            raise RuntimeError(
+                f"checkpoint {directory} does not match the model: missing {missing}, extra {unexpected}"
+            )
+        model.tie_weights()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"more": self.weighting.state_dict()} if self.weighting else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.weighting is not None:
+            self.weighting.load_state_dict(state["more"])
+
+
+def make_reward_recipe(run_dir: str, model: str, reward: dict, mode: str, sources: list[str]) -> RewardRecipe:
+    """Built inside each Ray Train worker: reads the ingested pairs of `run_dir`."""
+    return RewardRecipe(read_pairs(RunDir(run_dir), sources), model, RewardConfig.model_validate(reward), mode)
+
+
+def backbone(cfg: Config, run_dir: RunDir) -> str:
+    """`reward.model`, with `sft` meaning the sft stage's model (the benchmark's tiny Llama)."""
+    if cfg.reward.model == "sft":
+        require_stage(run_dir, "sft")
+        return run_dir.local_dir("sft", "model")
+    return cfg.reward.model
+
+
+def train_reward_model(cfg: Config, run_dir: RunDir, mode: str, sources: list[str], out: Path, name: str) -> dict:
+    """Train one reward model on `sources` into the local folder `out`; returns its metric history."""
+    micro = cfg.reward.pairs_per_source_per_batch * len(sources)
+    if cfg.reward.batch_size % (micro * cfg.reward.num_workers):
+        raise ValueError(
+            f"reward.batch_size={cfg.reward.batch_size} must be a multiple of pairs_per_source_per_batch * "
+            f"{len(sources)} sources * num_workers = {micro * cfg.reward.num_workers}"
+        )
+    reward = cfg.reward.model_copy(update={"micro_batch_size": micro})
+    factory = functools.partial(
+        make_reward_recipe, cfg.run_dir, backbone(cfg, run_dir), reward.model_dump(mode="json"), mode, sources
+    )
+    recipe = factory()
+    result = fit(name, factory, reward, cfg.seed, run_dir.uri_of("checkpoints"), recipe.num_eval > 0)
+    model = recipe.build_model(torch.device("cpu"))
+    recipe.load_model(model, best_checkpoint(result, recipe.num_eval > 0))
+    model.save_pretrained(out, safe_serialization=True)
+    recipe.tokenizer.save_pretrained(out)
+    history = write_metrics(result, out.parent / f"{out.name}.metrics.jsonl")
+    return {"history": history, "eval_pairs": recipe.num_eval, "train_pairs": sum(map(len, recipe.by_source.values()))}
+
+
+def run_reward(cfg: Config) -> StageResult:
+    """The `reward` stage: train (MORE / multitask / single models), evaluate per source, write the report."""
+    run_dir = RunDir(cfg.run_dir)
+    ingest = require_stage(run_dir, "ingest")
+    inputs = {"ingest": ingest["config_hash"] + ingest["created_at"]}
+    if cfg.reward.model == "sft":
+        sft = require_stage(run_dir, "sft")
+        inputs["sft"] = sft["config_hash"] + sft["created_at"]
+    mode = cfg.reward.mode
+
+    def body(stage_path: str) -> StageCounts:
+        pairs = read_pairs(run_dir)
+        sources = sorted(set(pairs["source"]))
+        identity = checkpoint_name(STAGE, cfg.section_hash("reward"), inputs)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp_path = Path(tmp)
+            if mode in ("more", "multitask"):
+                runs = {"model": train_reward_model(cfg, run_dir, mode, sources, tmp_path / "model", identity)}
+                members = {"model": [tmp_path / "model"]}
+            else:
+                runs = {
+                    f"models/{s}": train_reward_model(
+                        cfg, run_dir, "single", [s], tmp_path / "models" / s, f"{identity}-{s}"
+                    )
+                    for s in sources
+                }
+                models = [tmp_path / "models" / s for s in sources]
+                members = (
+                    {f"single:{s}": [m] for s, m in zip(sources, models, strict=True)}
+                    if mode == "single"
+                    else {"average": models}
+                )
+            evaluation = evaluate_reward_models(members, pairs, cfg.reward)
+            report = tmp_path / "report"
+            write_reward_report(evaluation, report)
+            lambdas = {
+                k: [h for h in run["history"] if any(m.startswith("lambda/") for m in h)] for k, run in runs.items()
+            }
+            if mode == "more":
+                plot_lambda(lambdas["model"], report / "lambda.png")
+            for name, folder in (("model", "model"), ("models", "models"), ("report", "report")):
+                if (tmp_path / folder).exists():
+                    run_dir.upload_dir(tmp_path / folder, STAGE, name)
+            for metrics_file in tmp_path.rglob("*.metrics.jsonl"):
+                run_dir.write_bytes(f"{STAGE}/{metrics_file.relative_to(tmp_path)}", metrics_file.read_bytes())
+        eval_pairs = sum(r["eval_pairs"] for r in runs.values())
+        return StageCounts(
+            rows_in=len(pairs["pair_id"]),
+            rows_out=len(pairs["pair_id"]),
+            extra={
+                "mode": mode,
+                "sources": sources,
+                "train_pairs": {k: r["train_pairs"] for k, r in runs.items()},
+                "eval_pairs": eval_pairs,
+                "evaluation": summary(evaluation),
+                "outputs": {
+                    **({"model": "model/"} if mode in ("more", "multitask") else {"models": "models/"}),
+                    "report": "report/reward.md",
+                },
+            },
+        )
+
+    init_ray(cfg.ray)
+    return run_stage(run_dir, STAGE, cfg, ("reward",), inputs, body)

@@ -1,0 +1,189 @@
+"""Reward models with MORE: exact multi-worker lambda, resume after a crash, save and reload, the
+benchmark's sources, and a small run on the real HH rows."""
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray.cloudpickle
+import torch
+from safetensors.torch import load_file
+
+from raybpo.config import Config, RewardConfig, SourceSpec, TinyModelConfig
+from raybpo.evaluate import score_pairs
+from raybpo.models.reward import load_reward_model, pooled_and_rewards, reward_head
+from raybpo.models.tiny import build_tiny_model
+from raybpo.rundir import RunDir
+from raybpo.stages.ingest import ingest
+from raybpo.train.loop import fit
+from raybpo.train.reward import RewardRecipe, make_reward_recipe, read_pairs, resample, run_reward
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the recipe below runs in Ray workers
+
+
+@pytest.fixture(scope="module")
+def benchmark_run(ray_session, tmp_path_factory):
+    """A run dir with 3 x 200 benchmark pairs ingested, and a tiny Llama to use as the reward backbone."""
+    root = tmp_path_factory.mktemp("reward")
+    cfg = Config(run_dir=str(root / "run"))
+    cfg.ingest.preset = "benchmark"
+    cfg.benchmark.pairs_per_source = 200
+    ingest(cfg)
+    pairs = read_pairs(RunDir(cfg.run_dir))
+    texts = pairs["prompt"] + pairs["chosen"] + pairs["rejected"]
+    backbone = build_tiny_model(
+        texts, TinyModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128), root / "tiny", seed=0
+    )
+    return cfg, str(backbone)
+
+
+class CrashOnce(RewardRecipe):
+    """Rank 1 raises in step 5 of the first attempt (2 micro-batches a step), after the step-4 checkpoint."""
+
+    marker: Path
+
+    def loss(self, model, rows, workers, training):
+        self.calls = getattr(self, "calls", 0) + 1
+        if training and workers.rank == 1 and self.calls == 9 and not self.marker.exists():
+            self.marker.write_text("crashed")
+            raise RuntimeError("injected worker failure")
+        return super().loss(model, rows, workers, training)
+
+
+def _crash_once(marker: str, *args) -> CrashOnce:
+    recipe = make_reward_recipe(*args)
+    recipe.__class__ = CrashOnce
+    recipe.marker = Path(marker)
+    return recipe
+
+
+def _reward_fit(cfg, backbone, name, workers, per_source, factory=None):
+    reward = RewardConfig(
+        lr=1e-3,
+        batch_size=12,
+        micro_batch_size=3 * per_source,
+        num_workers=workers,
+        pairs_per_source_per_batch=per_source,
+        samples_per_source=48,
+        checkpoint_every=4,
+        eval_fraction=0.0,
+        log_every=1,
+    )
+    args = (cfg.run_dir, backbone, reward.model_dump(mode="json"), "more", ["concise", "harmless", "helpful"])
+    factory = factory(*args) if factory else functools.partial(make_reward_recipe, *args)
+    result = fit(name, factory, reward, 0, str(Path(cfg.run_dir) / "checkpoints"), has_eval=False)
+    return result, load_file(str(Path(result.checkpoint.to_directory()) / "model.safetensors"))
+
+
+def test_more_lambda_is_identical_on_two_workers_and_survives_a_crash(benchmark_run, tmp_path):
+    cfg, backbone = benchmark_run
+    one_result, one = _reward_fit(cfg, backbone, "rm-one", workers=1, per_source=2)
+    marker = tmp_path / "crashed"
+    two_result, two = _reward_fit(
+        cfg,
+        backbone,
+        "rm-two",
+        workers=2,
+        per_source=1,
+        factory=lambda *a: functools.partial(_crash_once, str(marker), *a),
+    )
+    assert marker.exists() and two_result.return_value["resumed_from"] == [4]
+    one_history, two_history = one_result.return_value["history"], two_result.return_value["history"]
+    assert [h["step"] for h in one_history] == [h["step"] for h in two_history] == list(range(1, 13))
+    for a, b in zip(one_history, two_history, strict=True):
+        lambdas = [k for k in a if k.startswith("lambda/")]
+        assert len(lambdas) == 3 and sum(a[k] for k in lambdas) == pytest.approx(1.0)
+        for key in [*lambdas, "loss"]:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert len({round(h["lambda/helpful"], 3) for h in two_history}) > 1  # lambda really moves
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], atol=1e-4, rtol=1e-3)  # Adam amplifies float noise
+
+
+def test_more_and_multitask_beat_chance_on_every_source(benchmark_run, tmp_path):
+    cfg, backbone = benchmark_run
+    for mode in ("more", "multitask"):
+        run = cfg.model_copy(deep=True)
+        run.reward = RewardConfig(
+            mode=mode,
+            model=backbone,
+            lr=2e-3,
+            epochs=4,
+            batch_size=24,
+            eval_fraction=0.25,
+            checkpoint_every=20,
+            max_length=64,
+        )
+        manifest = run_reward(run).manifest
+        models = manifest["evaluation"]["models"]["model"]
+        for source, metrics in models["per_source"].items():
+            assert metrics["accuracy"] > 0.55, (mode, source, metrics)
+            assert 0.0 <= metrics["ece"] < 0.5
+        report = Path(cfg.run_dir) / "reward" / "report"
+        table = (report / "reward.md").read_text()
+        for source in ("concise", "harmless", "helpful"):
+            assert f"acc {source}" in table
+        assert f"{models['ece']:.4f}" in table and (report / "reliability.png").stat().st_size > 1000
+        assert (report / "lambda.png").exists() == (mode == "more")
+        saved = json.loads((report / "reward.json").read_text())
+        assert saved["models"]["model"]["mean_accuracy"] == pytest.approx(models["mean_accuracy"])
+
+
+def test_save_and_reload_give_identical_rewards(benchmark_run, tmp_path):
+    cfg, backbone = benchmark_run
+    model, tokenizer = load_reward_model(backbone)
+    torch.nn.init.normal_(reward_head(model).weight, std=0.5)
+    model.save_pretrained(tmp_path / "rm", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "rm")
+    pairs = read_pairs(RunDir(cfg.run_dir))
+    prompts, chosen, rejected = pairs["prompt"][:40], pairs["chosen"][:40], pairs["rejected"][:40]
+    r_chosen, r_rejected = score_pairs(tmp_path / "rm", prompts, chosen, rejected, max_length=64)
+    recipe = RewardRecipe(pairs, str(tmp_path / "rm"), RewardConfig(max_length=64), "multitask")
+    reloaded = recipe.build_model(torch.device("cpu")).eval()
+    with torch.no_grad():
+        z_chosen, _, live_chosen, live_rejected = recipe.rewards(reloaded, list(range(40)), torch.device("cpu"))
+        assert torch.allclose(reward_head(reloaded)(z_chosen)[:, 0], live_chosen, atol=1e-5)  # z is the pooled input
+    np.testing.assert_allclose(r_chosen, live_chosen.numpy(), atol=1e-5)
+    np.testing.assert_allclose(r_rejected, live_rejected.numpy(), atol=1e-5)
+    assert np.std(r_chosen) > 0  # scores differ from pair to pair, so the comparison means something
+
+
+def test_pooled_features_enter_the_head(benchmark_run):
+    _, backbone = benchmark_run
+    model, tokenizer = load_reward_model(backbone)
+    batch = tokenizer(["short", "a much longer text here"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        z, r = pooled_and_rewards(model, batch["input_ids"], batch["attention_mask"], tokenizer.pad_token_id)
+        assert z.shape == (2, model.config.hidden_size)
+        torch.testing.assert_close(reward_head(model)(z)[:, 0], r)
+
+
+def test_resample_truncates_or_upsamples_each_source():
+    rng = np.random.default_rng(0)
+    assert sorted(resample(list(range(10)), 10, rng)) == list(range(10))
+    up = resample(list(range(4)), 10, rng)
+    assert len(up) == 10 and sorted(up[:4]) == [0, 1, 2, 3] and sorted(up[4:8]) == [0, 1, 2, 3]
+    assert len(set(resample(list(range(100)), 30, rng))) == 30
+
+
+def test_small_real_data_run_on_hh_rows(ray_session, tmp_path, hh_path):
+    cfg = Config(run_dir=str(tmp_path / "hh"))
+    cfg.ingest.sources = [SourceSpec(path=str(hh_path), name="harmless")]
+    ingest(cfg)
+    cfg.reward = RewardConfig(
+        mode="more",
+        lr=2e-5,
+        batch_size=16,
+        samples_per_source=32,
+        eval_fraction=0.05,
+        checkpoint_every=2,
+        max_length=128,
+    )
+    manifest = run_reward(cfg).manifest  # the bundled all-MiniLM-L6-v2 encoder as backbone
+    metrics = manifest["evaluation"]["models"]["model"]["per_source"]["harmless"]
+    assert manifest["evaluation"]["eval_pairs"]["harmless"] > 80
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["ece"] <= 1.0 and np.isfinite(metrics["reward_std"])
+    assert (Path(cfg.run_dir) / "reward" / "model" / "model.safetensors").exists()
