@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import transformers
 import trl
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
@@ -67,7 +67,7 @@ from raybpo.models.loading import load_causal_lm
 from raybpo.models.logps import collate_pairs, pair_logps
 from raybpo.models.tiny import build_tiny_model
 from raybpo.models.tokenize import encode_pair
-from raybpo.train.dpo import DpoRecipe
+from raybpo.train.dpo import DpoRecipe, lora_config
 from raybpo.train.loop import Workers, step_plan, warmup_cosine
 from raybpo.train.prepare import REF_BATCH, sequence_lengths
 
@@ -319,14 +319,7 @@ def trl_trainer(
         disable_tqdm=True,
         seed=args.seed,
     )
-    peft_config = LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        target_modules=list(cfg.lora_target_modules),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    peft_config = lora_config(cfg)
     dataset = datasets.Dataset.from_list(text)
     return TimedDPOTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config

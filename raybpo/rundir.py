@@ -176,6 +176,11 @@ def require_stage(run_dir: RunDir, stage: str) -> dict[str, Any]:
     return run_dir.read_json(f"{stage}/{MANIFEST}")
 
 
+def stage_identity(manifest: dict[str, Any]) -> str:
+    """What a downstream stage records as the input hash of an upstream stage: its config and run."""
+    return f"{manifest['config_hash']}@{manifest['created_at']}"
+
+
 class StageMissingError(RuntimeError):
     """A stage needs the output of an upstream stage that has not finished."""
 

@@ -23,7 +23,16 @@ from raybpo.config import Config, PolicyConfig, TrainConfig
 from raybpo.losses import BetaDPO, dpo_logits, dpo_loss, ipo_loss
 from raybpo.models.loading import load_causal_lm, load_tokenizer
 from raybpo.models.logps import collate_pairs, pair_logps
-from raybpo.rundir import MANIFEST, RunDir, StageCounts, StageMissingError, StageResult, require_stage, run_stage
+from raybpo.rundir import (
+    MANIFEST,
+    RunDir,
+    StageCounts,
+    StageMissingError,
+    StageResult,
+    require_stage,
+    run_stage,
+    stage_identity,
+)
 from raybpo.train.loop import Recipe, Workers, best_checkpoint, checkpoint_name, fit, unwrap, write_metrics
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
 
@@ -31,9 +40,9 @@ STAGE = "train"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """Wrap `model` with LoRA adapters on `cfg.lora_target_modules` (no dropout: exact and reproducible)."""
-    lora = LoraConfig(
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+    """LoRA adapters on `cfg.lora_target_modules`, no dropout (exact and reproducible), no bias."""
+    return LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         target_modules=list(cfg.lora_target_modules),
@@ -41,7 +50,10 @@ def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+
+
+def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    return get_peft_model(model, lora_config(cfg))
 
 
 class DpoRecipe(Recipe):
@@ -152,7 +164,7 @@ def reference_model(cfg: Config, run_dir: RunDir) -> tuple[str, dict]:
         return run_dir.local_dir("sft", "model"), require_stage(run_dir, "sft")
     if cfg.policy.model == "tiny":
         raise StageMissingError("the tiny policy is created by the sft stage: run `raybpo sft` first")
-    return cfg.policy.model, {"config_hash": cfg.section_hash("policy"), "created_at": ""}
+    return cfg.policy.model, {"config_hash": cfg.section_hash("policy"), "created_at": "external"}
 
 
 def run_train(cfg: Config) -> StageResult:
@@ -161,8 +173,8 @@ def run_train(cfg: Config) -> StageResult:
     pairs_path, pairs_manifest = input_pairs(run_dir)
     reference, reference_manifest = reference_model(cfg, run_dir)
     inputs = {
-        "pairs": pairs_manifest["config_hash"] + pairs_manifest["created_at"],
-        "reference": reference_manifest["config_hash"] + reference_manifest["created_at"],
+        "pairs": stage_identity(pairs_manifest),
+        "reference": stage_identity(reference_manifest),
     }
 
     def body(stage_path: str) -> StageCounts:

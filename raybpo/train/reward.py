@@ -31,7 +31,7 @@ from raybpo.config import Config, LoopConfig, RewardConfig
 from raybpo.evaluate import evaluate_reward_models, plot_lambda, summary, write_reward_report
 from raybpo.losses import MoreWeighting, bradley_terry_head_grads, bradley_terry_loss
 from raybpo.models.reward import encode_texts, load_reward_model, pooled_and_rewards, reward_head
-from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage
+from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
 from raybpo.train.loop import Recipe, Workers, best_checkpoint, checkpoint_name, fit, unwrap, write_metrics
 from raybpo.train.prepare import split_of
 
@@ -195,10 +195,10 @@ def run_reward(cfg: Config) -> StageResult:
     """The `reward` stage: train (MORE / multitask / single models), evaluate per source, write the report."""
     run_dir = RunDir(cfg.run_dir)
     ingest = require_stage(run_dir, "ingest")
-    inputs = {"ingest": ingest["config_hash"] + ingest["created_at"]}
+    inputs = {"ingest": stage_identity(ingest)}
     if cfg.reward.model == "sft":
         sft = require_stage(run_dir, "sft")
-        inputs["sft"] = sft["config_hash"] + sft["created_at"]
+        inputs["sft"] = stage_identity(sft)
     mode = cfg.reward.mode
 
     def body(stage_path: str) -> StageCounts:

@@ -25,7 +25,7 @@ from raybpo.config import Config, PolicyConfig, SftConfig, TrainConfig
 from raybpo.models.loading import load_causal_lm, load_tokenizer
 from raybpo.models.logps import collate, token_logps
 from raybpo.models.tiny import build_tiny_model
-from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage
+from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
 from raybpo.train.dpo import ADAPTER_WEIGHTS, add_lora
 from raybpo.train.loop import Recipe, Workers, best_checkpoint, checkpoint_name, fit, write_metrics
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
@@ -96,7 +96,7 @@ def run_sft(cfg: Config) -> StageResult:
     run_dir = RunDir(cfg.run_dir)
     ingest = require_stage(run_dir, "ingest")
     sections = ("policy", "sft", "train") if cfg.sft.lora else ("policy", "sft")
-    inputs = {"ingest": ingest["config_hash"] + ingest["created_at"]}
+    inputs = {"ingest": stage_identity(ingest)}
 
     def body(stage_path: str) -> StageCounts:
         with tempfile.TemporaryDirectory() as tmp:
