@@ -6,10 +6,11 @@ import torch
 from raybpo.config import TinyModelConfig
 from raybpo.data.benchmark import TOPICS
 from raybpo.data.schema import canonical_prompt
+from raybpo.models.generation import sample_seed, sample_seeded, sample_token_ids
 from raybpo.models.loading import ModelNotFoundError, load_causal_lm, resolve_model_path
 from raybpo.models.logps import collate, collate_pairs, length_bucketed_batches, pair_logps, sequence_logps
 from raybpo.models.tiny import build_tiny_model
-from raybpo.models.tokenize import TokenizationError, encode_example, encode_pair, render_prompt
+from raybpo.models.tokenize import TokenizationError, encode_example, encode_pair, encode_prompt, render_prompt
 
 TEXTS = [f"Describe the {t}. The {t} is {' '.join(facts)}." for t, facts in TOPICS.items()] * 4
 TINY = TinyModelConfig(vocab_size=640, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
@@ -124,3 +125,37 @@ def test_model_names_resolve_or_fail_clearly(tmp_path):
         resolve_model_path(str(tmp_path / "missing.gguf"))
     with pytest.raises(ModelNotFoundError, match="needs a network"):
         load_causal_lm("no-such-org/no-such-model")
+
+
+def test_seeded_sampling_is_independent_of_the_batch_and_respects_max_tokens(tiny):
+    model, tokenizer = tiny
+    prompts = ["Describe the cat.", "Tell me about the moon, please, in detail.", "Hi!", "Describe the owl."]
+    batch = sample_seeded(model, tokenizer, prompts, [11, 12, 13, 14], max_new_tokens=12)
+    assert sample_seeded(model, tokenizer, prompts[2:], [13, 14], max_new_tokens=12) == batch[2:]
+    assert sample_seeded(model, tokenizer, prompts, [11, 12, 13, 14], max_new_tokens=12) == batch
+    assert sample_seeded(model, tokenizer, prompts, [21, 22, 23, 24], max_new_tokens=12) != batch
+    ids = sample_token_ids(model, tokenizer, prompts, [11, 12, 13, 14], max_new_tokens=12)
+    assert tokenizer.batch_decode(ids, skip_special_tokens=True) == batch
+    assert all(len(row) <= 12 for row in ids) and max(map(len, ids)) == 12  # an untrained model rarely stops
+
+
+def test_greedy_decoding_equals_hugging_face_generate(tiny):
+    model, tokenizer = tiny
+    prompts = ["Describe the cat.", "Tell me about the moon, please, in detail."]
+    ours = sample_seeded(model, tokenizer, prompts, [0, 0], max_new_tokens=10, temperature=0)
+    for prompt, text in zip(prompts, ours, strict=True):
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+        theirs = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        assert text == tokenizer.decode(theirs[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_sample_seeds_are_stable():
+    assert sample_seed(0, "Describe the cat.", 3) == sample_seed(0, "Describe the cat.", 3)
+    assert len({sample_seed(0, "p", i) for i in range(100)} | {sample_seed(1, "p", 0)}) == 101

@@ -1,11 +1,15 @@
-"""Sampling responses from a causal LM with Hugging Face `generate` (the CPU backend).
+"""Sampling responses from a causal LM on CPU or GPU, reproducible per (prompt, sample index).
 
-Prompts are rendered exactly as in training (`encode_prompt`), left-padded and sampled in batches.
-Every prompt gets its own seed stream: batch b of a call is sampled after `torch.manual_seed` of a
-value derived from (seed, b), so the same prompts, batch size and seed give the same text.
+`sample_seeded` draws every row with its own `torch.Generator`, so a response depends only on the
+model, its prompt and its seed: not on the batch it was sampled in, the batch size, the worker or a
+rerun. Prompts are rendered exactly as in training (`encode_prompt`), left-padded, and decoded with
+the KV cache; a row stops at EOS or after `max_new_tokens`. `sample_responses` is the evaluation
+convenience: one response per prompt with seeds derived from (seed, prompt position).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -13,7 +17,85 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from raybpo.models.tokenize import encode_prompt
 
 
+def sample_seed(seed: int, key: str, index: int) -> int:
+    """The seed of sample `index` of the prompt identified by `key` (a stable 63-bit hash)."""
+    digest = hashlib.sha256(f"{seed}:{key}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the tail outside the smallest set of tokens whose probability reaches `top_p` (nucleus)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+    sorted_probs[outside] = 0.0
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
 @torch.no_grad()
+def sample_token_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    seeds: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    use_chat_template: bool = True,
+) -> list[list[int]]:
+    """The sampled token ids of one response per (prompt, seed), without EOS; temperature 0 is greedy."""
+    model.eval()
+    device = model.device
+    encoded = [encode_prompt(tokenizer, p, use_chat_template) for p in prompts]
+    width = max(map(len, encoded))
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    out = torch.full((len(prompts), max_new_tokens), pad, dtype=torch.long)
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    past, step_ids = None, input_ids
+    for t in range(max_new_tokens):
+        result = model(
+            input_ids=step_ids, attention_mask=attention, position_ids=positions, past_key_values=past, use_cache=True
+        )
+        past = result.past_key_values
+        logits = result.logits[:, -1].float().cpu()
+        if temperature == 0:
+            tokens = logits.argmax(-1)
+        else:
+            probs = _filter_top_p(torch.softmax(logits / temperature, dim=-1), top_p)
+            tokens = torch.stack(
+                [torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators, strict=True)]
+            )
+        tokens = torch.where(done, torch.tensor(pad), tokens)
+        out[:, t] = tokens
+        done |= tokens == eos
+        if done.all():
+            break
+        step_ids = tokens[:, None].to(device)
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
+        positions = positions[:, -1:] + 1
+    return [[i for i in row.tolist() if i not in (pad, eos)] for row in out]
+
+
+def sample_seeded(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    seeds: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    use_chat_template: bool = True,
+) -> list[str]:
+    """One response text per (prompt, seed), special tokens removed (see `sample_token_ids`)."""
+    ids = sample_token_ids(model, tokenizer, prompts, seeds, max_new_tokens, temperature, top_p, use_chat_template)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
 def sample_responses(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -25,25 +107,12 @@ def sample_responses(
     batch_size: int = 16,
     use_chat_template: bool = True,
 ) -> list[str]:
-    """One sampled response per prompt (greedy when temperature is 0), special tokens removed."""
-    model.eval()
-    pad = tokenizer.pad_token_id
+    """One response per prompt, the seed of prompt i derived from (seed, prompt text, i)."""
     responses: list[str] = []
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
-        encoded = [encode_prompt(tokenizer, p, use_chat_template) for p in prompts[start : start + batch_size]]
-        width = max(map(len, encoded))
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=model.device)
-        attention_mask = (torch.arange(width) >= torch.tensor([width - len(ids) for ids in encoded])[:, None]).long()
-        torch.manual_seed(seed * 1_000_003 + b)
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask.to(model.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=top_p if temperature > 0 else None,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        seeds = [sample_seed(seed, p, start + i) for i, p in enumerate(batch)]
+        responses += sample_seeded(
+            model, tokenizer, batch, seeds, max_new_tokens, temperature, top_p, use_chat_template
         )
-        responses += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
     return responses
