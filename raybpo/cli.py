@@ -17,7 +17,9 @@ from raybpo.evaluate import markdown_table
 from raybpo.models.loading import ModelNotFoundError
 from raybpo.models.tokenize import TokenizationError
 from raybpo.rundir import StageMissingError, StageResult
+from raybpo.stages.generate import run_generate
 from raybpo.stages.ingest import IngestError, ingest
+from raybpo.stages.score import run_score
 from raybpo.train.dpo import run_train
 from raybpo.train.loop import NonFiniteLossError
 from raybpo.train.reward import run_reward
@@ -27,8 +29,6 @@ from raybpo.train.sft import run_sft
 PLANNED = {
     "run": "the whole stage graph, ingest to evaluate, with skip/resume",
     "breadth": "prompt embedding, faiss k-means and top-eta selection on Ray Data",
-    "generate": "candidate generation (vLLM on GPU, Hugging Face on CPU) on Ray Data",
-    "score": "candidate scoring (reward model, LLM judge, oracle) and uniform pairs",
     "depth": "batched LoRA gradient features, gradient clustering and pair allocation",
     "tune": "Ray Tune sweeps over the train + evaluate tail",
     "evaluate": "win rates, reward-model accuracy and ECE",
@@ -94,11 +94,6 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     _print_result(ingest(cfg), cfg.run_dir)
 
 
-def cmd_sft(args: argparse.Namespace) -> None:
-    cfg = _config(args)
-    _print_result(run_sft(cfg), cfg.run_dir)
-
-
 def cmd_reward(args: argparse.Namespace) -> None:
     cfg = _config(args)
     result = run_reward(cfg)
@@ -106,9 +101,12 @@ def cmd_reward(args: argparse.Namespace) -> None:
     print(markdown_table(result.manifest["evaluation"]))
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    cfg = _config(args)
-    _print_result(run_train(cfg), cfg.run_dir)
+def _stage_command(stage: Callable[[Config], StageResult]) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        cfg = _config(args)
+        _print_result(stage(cfg), cfg.run_dir)
+
+    return run
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -162,8 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest_cmd.add_argument("--preset", choices=["benchmark"], help="generate and ingest the built-in benchmark")
     add("reward", "reward models over several sources: MORE, multitask, single, average (Ray Train)", cmd_reward)
-    add("sft", "supervised warm-up of the policy on chosen responses (Ray Train)", cmd_sft)
-    add("train", "beta-DPO / DPO / IPO training with LoRA (Ray Train)", cmd_train)
+    add(
+        "generate",
+        "n candidates per kept prompt: Hugging Face on CPU, vLLM on GPU (Ray Data)",
+        _stage_command(run_generate),
+    )
+    add(
+        "score",
+        "score candidates (reward model, LLM judge, or the benchmark's oracle) and pair them (Ray Data)",
+        _stage_command(run_score),
+    )
+    add("sft", "supervised warm-up of the policy on chosen responses (Ray Train)", _stage_command(run_sft))
+    add("train", "beta-DPO / DPO / IPO training with LoRA (Ray Train)", _stage_command(run_train))
     for name, description in PLANNED.items():
         add(name, description, _planned(name))
     export = commands.add_parser("export", help="write a pairs folder as TRL preference JSONL")

@@ -84,6 +84,11 @@ def prompt_messages(prompt: str) -> list[dict[str, str]] | None:
     return None
 
 
+def prompt_key(prompt: str) -> str:
+    """Identity of a prompt for deduplication: hash of its lower-cased text with whitespace collapsed."""
+    return hashlib.sha256(" ".join(prompt.lower().split()).encode("utf-8")).hexdigest()[:32]
+
+
 def make_pair_id(source: str, prompt: str, chosen: str, rejected: str) -> str:
     """Stable 128-bit content hash (hex) of a pair; fields are length-prefixed so no two pairs collide."""
     digest = hashlib.sha256()

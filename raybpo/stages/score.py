@@ -1,0 +1,226 @@
+"""The `score` stage (Ray Data): a scalar per candidate, then candidate pairs (docs/ALGORITHMS.md 3.2).
+
+Scorers, one interface (`scorer.score(prompts, responses) -> (scores, reasons)`):
+- `reward_model`: an actor pool of a one-output sequence-classification model (`score.reward_model`,
+  default the reward stage's `reward/model/`, e.g. the MORE-trained one);
+- `judge`: an LLM judge at an OpenAI-compatible URL (`raybpo.scoring.judge.JudgeClient`: concurrent,
+  rate-limited, retried; the API key from the environment variable named in the config);
+- `oracle`: the built-in benchmark's ground-truth utility (its source average). It exists only for
+  the benchmark and is labelled `oracle` in the manifest and the pairs' `source`.
+A candidate whose judgement fails for good is quarantined (`score/quarantine/`) with its reason; the
+rest are paired per prompt by `uniform_pairs` (rank i with rank n+1-i) or `all_pairs`, dropping
+pairs whose score gap is below `score.min_gap`, and written as canonical pairs
+(`score/candidate_pairs/`, source `bpo:<scorer>`, the scores in `score_chosen` / `score_rejected`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from itertools import combinations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from raybpo.cluster import init_ray
+from raybpo.config import Config, JudgeConfig
+from raybpo.data import benchmark
+from raybpo.data.schema import PAIR_SCHEMA, make_pair_id
+from raybpo.models.reward import encode_texts, load_reward_model
+from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
+
+STAGE = "score"
+RM_BATCH = 32
+SCORED = pa.schema(
+    [
+        ("prompt_key", pa.string()),
+        ("prompt", pa.string()),
+        ("candidate", pa.int32()),
+        ("origin", pa.string()),
+        ("response", pa.string()),
+        ("score", pa.float64()),
+        ("reason", pa.string()),
+    ]
+)
+
+
+def uniform_pairs(scores: list[float], min_gap: float) -> list[tuple[int, int]]:
+    """(chosen, rejected) indices: rank 1 with rank n, rank 2 with rank n-1, ... by descending score.
+
+    Ties in score keep the input order (a stable sort). A pair whose gap is below `min_gap` is dropped.
+    """
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    pairs = [(order[k], order[-1 - k]) for k in range(len(order) // 2)]
+    return [(a, b) for a, b in pairs if scores[a] - scores[b] >= min_gap and scores[a] > scores[b]]
+
+
+def all_pairs(scores: list[float], min_gap: float) -> list[tuple[int, int]]:
+    """Every (better, worse) pair with a score gap of at least `min_gap` (and a strict preference)."""
+    out = []
+    for a, b in combinations(range(len(scores)), 2):
+        hi, lo = (a, b) if scores[a] >= scores[b] else (b, a)
+        if scores[hi] - scores[lo] >= min_gap and scores[hi] > scores[lo]:
+            out.append((hi, lo))
+    return out
+
+
+class RewardModelScorer:
+    """Ray Data actor: candidates -> reward-model scores (one forward per batch of RM_BATCH)."""
+
+    def __init__(self, model: str, max_length: int):
+        import torch
+
+        self.torch = torch
+        self.model, self.tokenizer = load_reward_model(model)
+        self.model.eval()
+        self.max_length = max_length
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prompts, responses = batch["prompt"].to_pylist(), batch["response"].to_pylist()
+        scores: list[float] = []
+        with self.torch.no_grad():
+            for start in range(0, len(prompts), RM_BATCH):
+                encoded = encode_texts(
+                    self.tokenizer,
+                    prompts[start : start + RM_BATCH],
+                    responses[start : start + RM_BATCH],
+                    self.max_length,
+                )
+                scores += self.model(**encoded).logits[:, 0].float().tolist()
+        return _with_scores(batch, scores, [""] * len(scores))
+
+
+def judge_batch(batch: pa.Table, judge: dict) -> pa.Table:
+    """map_batches: the judge's scores; a failed judgement keeps its reason and a null score."""
+    from raybpo.scoring.judge import JudgeClient
+
+    client = JudgeClient(JudgeConfig.model_validate(judge))
+    judgements = client.score_many(list(zip(batch["prompt"].to_pylist(), batch["response"].to_pylist(), strict=True)))
+    return _with_scores(batch, [j.score for j in judgements], [j.reason or "" for j in judgements])
+
+
+def oracle_batch(batch: pa.Table) -> pa.Table:
+    """map_batches: the benchmark's ground-truth utility, averaged over its sources."""
+    scores = [
+        benchmark.mean_utility(p, r)
+        for p, r in zip(batch["prompt"].to_pylist(), batch["response"].to_pylist(), strict=True)
+    ]
+    return _with_scores(batch, scores, [""] * len(scores))
+
+
+def _with_scores(batch: pa.Table, scores: list, reasons: list[str]) -> pa.Table:
+    columns = {name: batch[name] for name in SCORED.names if name in batch.column_names}
+    return pa.table({**columns, "score": pa.array(scores, pa.float64()), "reason": reasons}, schema=SCORED)
+
+
+def make_pairs(scored: pa.Table, rule: str, min_gap: float, source: str) -> pa.Table:
+    """Canonical pairs of each prompt's scored candidates under the `uniform` or `all` rule."""
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    for row in scored.sort_by([("prompt_key", "ascending"), ("candidate", "ascending")]).to_pylist():
+        by_prompt[row["prompt_key"]].append(row)
+    pick = uniform_pairs if rule == "uniform" else all_pairs
+    out: dict[str, list] = {name: [] for name in PAIR_SCHEMA.names}
+    for key, rows in by_prompt.items():
+        scores = [r["score"] for r in rows]
+        for a, b in pick(scores, min_gap):
+            chosen, rejected = rows[a], rows[b]
+            if chosen["response"] == rejected["response"]:
+                continue
+            values = {
+                "pair_id": make_pair_id(source, chosen["prompt"], chosen["response"], rejected["response"]),
+                "prompt": chosen["prompt"],
+                "chosen": chosen["response"],
+                "rejected": rejected["response"],
+                "source": source,
+                "score_chosen": chosen["score"],
+                "score_rejected": rejected["score"],
+                "meta": json.dumps(
+                    {
+                        "prompt_key": key,
+                        "candidates": [chosen["candidate"], rejected["candidate"]],
+                        "origins": [chosen["origin"], rejected["origin"]],
+                    }
+                ),
+            }
+            for name in out:
+                out[name].append(values[name])
+    return pa.table(out, schema=PAIR_SCHEMA)
+
+
+def scorer_model(cfg: Config, run_dir: RunDir) -> tuple[str, dict]:
+    """The reward model to score with: `score.reward_model`, else the reward stage's output."""
+    if cfg.score.reward_model:
+        return cfg.score.reward_model, {"config_hash": cfg.section_hash("score"), "created_at": "external"}
+    manifest = require_stage(run_dir, "reward")
+    if not run_dir.exists("reward", "model"):
+        raise ValueError("the reward stage ran in single/average mode: set score.reward_model to one model folder")
+    return run_dir.local_dir("reward", "model"), manifest
+
+
+def run_score(cfg: Config) -> StageResult:
+    """The `score` stage: score `generate/candidates/`, quarantine failed judgements, write candidate pairs."""
+    run_dir = RunDir(cfg.run_dir)
+    generate = require_stage(run_dir, "generate")
+    inputs = {"generate": stage_identity(generate)}
+    model = None
+    if cfg.score.scorer == "reward_model":
+        model, manifest = scorer_model(cfg, run_dir)
+        inputs["reward_model"] = stage_identity(manifest)
+
+    def body(stage_path: str) -> StageCounts:
+        candidates = ray.data.read_parquet(run_dir.path("generate", "candidates"), filesystem=run_dir.fs)
+        if cfg.score.scorer == "reward_model":
+            scored = candidates.map_batches(
+                RewardModelScorer,
+                fn_constructor_kwargs={"model": model, "max_length": cfg.reward.max_length},
+                batch_format="pyarrow",
+                batch_size=256,
+                compute=ray.data.ActorPoolStrategy(size=1),
+            )
+        elif cfg.score.scorer == "judge":
+            scored = candidates.map_batches(
+                judge_batch, fn_kwargs={"judge": cfg.score.judge.model_dump()}, batch_format="pyarrow", batch_size=64
+            )
+        else:
+            scored = candidates.map_batches(oracle_batch, batch_format="pyarrow")
+        table = pa.concat_tables(ray.get(scored.to_arrow_refs())) if scored.count() else SCORED.empty_table()
+        bad = pc.not_equal(table["reason"], "")
+        good, quarantined = table.filter(pc.invert(bad)), table.filter(bad)
+        if quarantined.num_rows:
+            run_dir.write_bytes(f"{STAGE}/quarantine/candidates.parquet", _parquet_bytes(quarantined))
+        run_dir.write_bytes(f"{STAGE}/scored/candidates.parquet", _parquet_bytes(good))
+        source = f"bpo:{cfg.score.scorer}"
+        pairs = make_pairs(good, cfg.score.pairs, cfg.score.min_gap, source)
+        run_dir.write_bytes(f"{STAGE}/candidate_pairs/pairs.parquet", _parquet_bytes(pairs))
+        reasons = Counter(quarantined["reason"].to_pylist())
+        return StageCounts(
+            rows_in=table.num_rows,
+            rows_out=good.num_rows,
+            rows_quarantined=quarantined.num_rows,
+            quarantine_reasons=dict(reasons),
+            extra={
+                "scorer": cfg.score.scorer,
+                "labelled": "oracle: the benchmark's ground truth"
+                if cfg.score.scorer == "oracle"
+                else cfg.score.scorer,
+                "pairs": pairs.num_rows,
+                "pair_rule": cfg.score.pairs,
+                "prompts": len(set(good["prompt_key"].to_pylist())),
+                "outputs": {
+                    "scored": "scored/",
+                    "candidate_pairs": "candidate_pairs/",
+                    **({"quarantine": "quarantine/"} if quarantined.num_rows else {}),
+                },
+            },
+        )
+
+    init_ray(cfg.ray)
+    return run_stage(run_dir, STAGE, cfg, ("score", "reward") if model else ("score",), inputs, body)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()

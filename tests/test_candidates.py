@@ -1,0 +1,131 @@
+"""Depth candidates: seeded generation (HF backend; the vLLM backend's processor up to the engine),
+scoring (oracle, reward model) and the pair rules."""
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from raybpo.config import Config, GenerateConfig, TinyModelConfig
+from raybpo.data.schema import prompt_key
+from raybpo.models.generation import sample_seed
+from raybpo.models.reward import load_reward_model, reward_head
+from raybpo.models.tiny import build_tiny_model
+from raybpo.rundir import RunDir, StageCounts, run_stage
+from raybpo.stages.generate import run_generate, vllm_processor, vllm_requests
+from raybpo.stages.ingest import ingest
+from raybpo.stages.score import RewardModelScorer, all_pairs, run_score, uniform_pairs
+from raybpo.train.reward import read_pairs
+
+KEPT = 6
+
+
+def _prepare(root, seed: int = 0, batch_size: int = 16) -> Config:
+    """A run with the benchmark ingested, a tiny policy, and a breadth selection of KEPT prompts."""
+    cfg = Config(run_dir=str(root), seed=seed)
+    cfg.ingest.preset = "benchmark"
+    cfg.benchmark.pairs_per_source = 40
+    cfg.generate = GenerateConfig(n=4, max_new_tokens=8, batch_size=batch_size)
+    ingest(cfg)
+    pairs = read_pairs(RunDir(cfg.run_dir))
+    texts = pairs["prompt"] + pairs["chosen"]
+    cfg.policy.model = str(
+        build_tiny_model(
+            texts, TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64), root / "tiny", seed=0
+        )
+    )
+    prompts = sorted(set(pairs["prompt"]))[:KEPT]
+
+    def breadth(stage_path: str) -> StageCounts:  # a hand-made selection stands in for the breadth stage
+        table = pa.table({"prompt": prompts, "prompt_key": [prompt_key(p) for p in prompts], "kept": [True] * KEPT})
+        pads.write_dataset(table, f"{stage_path}/prompts", format="parquet")
+        return StageCounts(rows_in=KEPT, rows_out=KEPT)
+
+    run_stage(RunDir(cfg.run_dir), "breadth", cfg, ("breadth",), {}, breadth)
+    return cfg
+
+
+def _candidates(cfg: Config) -> list[dict]:
+    table = pads.dataset(f"{cfg.run_dir}/generate/candidates").to_table()
+    return sorted(table.to_pylist(), key=lambda r: (r["prompt_key"], r["candidate"]))
+
+
+@pytest.fixture(scope="module")
+def generated(ray_session, tmp_path_factory):
+    cfg = _prepare(tmp_path_factory.mktemp("gen-a"))
+    return cfg, run_generate(cfg).manifest
+
+
+def test_generation_gives_n_seeded_samples_per_prompt_plus_the_originals(generated):
+    cfg, manifest = generated
+    rows = _candidates(cfg)
+    sampled = [r for r in rows if r["origin"] == "policy"]
+    assert len(sampled) == KEPT * 4 == manifest["sampled"]
+    assert manifest["rows_out"] == len(rows) == manifest["sampled"] + manifest["originals"]
+    for key in {r["prompt_key"] for r in rows}:
+        mine = [r for r in rows if r["prompt_key"] == key]
+        assert [r["candidate"] for r in mine if r["origin"] == "policy"] == [0, 1, 2, 3]
+        assert all(r["seed"] == sample_seed(0, key, r["candidate"]) for r in mine if r["origin"] == "policy")
+        originals = [r for r in mine if r["origin"] != "policy"]
+        assert originals and {r["origin"] for r in originals} <= {"chosen", "rejected"}
+        assert [r["candidate"] for r in originals] == list(range(4, 4 + len(originals)))
+
+
+def test_generation_is_reproducible_by_seed_whatever_the_batching(generated, tmp_path):
+    cfg, _ = generated
+    again = _prepare(tmp_path / "b", batch_size=5)
+    run_generate(again)
+    assert _candidates(again) == _candidates(cfg)
+    other = _prepare(tmp_path / "c", seed=1)
+    run_generate(other)
+    assert [r["response"] for r in _candidates(other)] != [r["response"] for r in _candidates(cfg)]
+
+
+def test_oracle_scores_and_uniform_pairs(generated):
+    cfg, _ = generated
+    manifest = run_score(cfg.model_copy(update={"score": cfg.score.model_copy(update={"scorer": "oracle"})})).manifest
+    assert manifest["labelled"].startswith("oracle") and manifest["rows_quarantined"] == 0
+    assert manifest["rows_in"] == manifest["rows_out"] == len(_candidates(cfg))
+    pairs = pads.dataset(f"{cfg.run_dir}/score/candidate_pairs").to_table().to_pylist()
+    assert pairs and manifest["pairs"] == len(pairs)
+    assert all(p["score_chosen"] > p["score_rejected"] and p["source"] == "bpo:oracle" for p in pairs)
+    per_prompt = {}
+    for p in pairs:
+        per_prompt[p["prompt"]] = per_prompt.get(p["prompt"], 0) + 1
+    assert max(per_prompt.values()) <= (4 + 2) // 2 + 1  # uniform: at most half the candidates per prompt
+
+
+def test_pair_rules_on_hand_made_scores():
+    scores = [0.5, 3.0, 1.0, 2.0, 2.5, 0.0]  # ranks: 1 (3.0), 4 (2.5), 3 (2.0), 2 (1.0), 0 (0.5), 5 (0.0)
+    assert uniform_pairs(scores, min_gap=0.0) == [(1, 5), (4, 0), (3, 2)]
+    assert uniform_pairs(scores, min_gap=1.5) == [(1, 5), (4, 0)]  # 2.0 vs 1.0 is below the gap
+    assert uniform_pairs([1.0, 1.0], min_gap=0.0) == []  # a tie is no preference
+    assert uniform_pairs([1.0, 2.0, 3.0], min_gap=0.0) == [(2, 0)]  # odd count: the median is left out
+    assert sorted(all_pairs([1.0, 2.0, 4.0], min_gap=1.5)) == [(2, 0), (2, 1)]
+    assert len(all_pairs(scores, min_gap=0.0)) == 15
+
+
+def test_reward_model_scoring_is_batch_invariant(generated, tmp_path):
+    cfg, _ = generated
+    model, tokenizer = load_reward_model(cfg.policy.model)
+    reward_head(model).weight.data.normal_(0, 1.0)
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    rows = _candidates(cfg)[:10]
+    table = pa.Table.from_pylist(rows)
+    scorer = RewardModelScorer(str(tmp_path / "rm"), max_length=64)
+    together = scorer(table)["score"].to_pylist()
+    alone = [scorer(table.slice(i, 1))["score"].to_pylist()[0] for i in range(len(rows))]
+    assert together == pytest.approx(alone, abs=1e-5) and len(set(together)) > 1
+
+
+def test_vllm_backend_builds_its_processor_and_seeded_requests(generated):
+    cfg, _ = generated
+    gen = GenerateConfig(backend="vllm", n=3, engine_kwargs={"max_model_len": 512}, concurrency=2, batch_size=8)
+    processor = vllm_processor(cfg.policy.model, gen)
+    assert processor.config.model_source == cfg.policy.model and processor.config.concurrency == 2
+    assert processor.config.engine_kwargs["max_model_len"] == 512 and processor.config.batch_size == 8
+    requests = vllm_requests({"prompt": "Describe the cat.", "prompt_key": "k"}, n=3, seed=7, cfg=gen.model_dump())
+    assert [r["candidate"] for r in requests] == [0, 1, 2]
+    assert [r["sampling_params"]["seed"] for r in requests] == [sample_seed(7, "k", i) for i in range(3)]
+    assert requests[0]["messages"] == [{"role": "user", "content": "Describe the cat."}]
+    assert requests[0]["sampling_params"]["max_tokens"] == gen.max_new_tokens
