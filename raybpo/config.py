@@ -118,7 +118,12 @@ class LoopConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     max_length: int = Field(512, ge=8)
     max_prompt_length: int = Field(256, ge=1)
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Pairs held out for the eval loss.")
+    eval_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Pairs held out (a stable function of pair_id, the same set in every stage at one value).",
+    )
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints (and evals).")
     max_bad_steps: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
     num_workers: int = Field(1, ge=1, description="Data-parallel Ray Train workers.")
@@ -166,7 +171,6 @@ class RewardConfig(LoopConfig):
     batch_size: int = Field(48, ge=1)
     micro_batch_size: int = Field(3, ge=1, description="Set by the stage: pairs_per_source_per_batch * sources.")
     max_length: int = Field(256, ge=8)
-    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
 
 
 class SftConfig(LoopConfig):

@@ -182,9 +182,10 @@ def train_reward_model(cfg: Config, run_dir: RunDir, mode: str, sources: list[st
         make_reward_recipe, cfg.run_dir, backbone(cfg, run_dir), reward.model_dump(mode="json"), mode, sources
     )
     recipe = factory()
-    result = fit(name, factory, reward, cfg.seed, run_dir.uri_of("checkpoints"), recipe.num_eval > 0)
+    # The held-out pairs are the evaluation's test set, so no checkpoint is chosen on them: the last is kept.
+    result = fit(name, factory, reward, cfg.seed, run_dir.uri_of("checkpoints"), has_eval=False)
     model = recipe.build_model(torch.device("cpu"))
-    recipe.load_model(model, best_checkpoint(result, recipe.num_eval > 0))
+    recipe.load_model(model, best_checkpoint(result, has_eval=False))
     model.save_pretrained(out, safe_serialization=True)
     recipe.tokenizer.save_pretrained(out)
     history = write_metrics(result, out.parent / f"{out.name}.metrics.jsonl")
