@@ -92,13 +92,19 @@ class RewardModelScorer:
         return _with_scores(batch, scores, [""] * len(scores))
 
 
-def judge_batch(batch: pa.Table, judge: dict) -> pa.Table:
-    """map_batches: the judge's scores; a failed judgement keeps its reason and a null score."""
-    from raybpo.scoring.judge import JudgeClient
+class JudgeScorer:
+    """Ray Data actor holding ONE judge client, so its concurrency and rate limit hold for the whole job."""
 
-    client = JudgeClient(JudgeConfig.model_validate(judge))
-    judgements = client.score_many(list(zip(batch["prompt"].to_pylist(), batch["response"].to_pylist(), strict=True)))
-    return _with_scores(batch, [j.score for j in judgements], [j.reason or "" for j in judgements])
+    def __init__(self, judge: dict):
+        from raybpo.scoring.judge import JudgeClient
+
+        self.client = JudgeClient(JudgeConfig.model_validate(judge))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """A failed judgement keeps its reason and a null score (it is quarantined, not lost)."""
+        items = list(zip(batch["prompt"].to_pylist(), batch["response"].to_pylist(), strict=True))
+        judgements = self.client.score_many(items)
+        return _with_scores(batch, [j.score for j in judgements], [j.reason or "" for j in judgements])
 
 
 def oracle_batch(batch: pa.Table) -> pa.Table:
@@ -181,11 +187,16 @@ def run_score(cfg: Config) -> StageResult:
             )
         elif cfg.score.scorer == "judge":
             scored = candidates.map_batches(
-                judge_batch, fn_kwargs={"judge": cfg.score.judge.model_dump()}, batch_format="pyarrow", batch_size=64
+                JudgeScorer,
+                fn_constructor_kwargs={"judge": cfg.score.judge.model_dump()},
+                batch_format="pyarrow",
+                batch_size=256,
+                compute=ray.data.ActorPoolStrategy(size=1),
             )
         else:
             scored = candidates.map_batches(oracle_batch, batch_format="pyarrow")
-        table = pa.concat_tables(ray.get(scored.to_arrow_refs())) if scored.count() else SCORED.empty_table()
+        refs = scored.materialize().to_arrow_refs()
+        table = pa.concat_tables([t.cast(SCORED) for t in ray.get(refs)]) if refs else SCORED.empty_table()
         bad = pc.not_equal(table["reason"], "")
         good, quarantined = table.filter(pc.invert(bad)), table.filter(bad)
         if quarantined.num_rows:
