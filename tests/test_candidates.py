@@ -1,6 +1,10 @@
 """Depth candidates: seeded generation (HF backend; the vLLM backend's processor up to the engine),
 scoring (oracle, reward model) and the pair rules."""
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
@@ -129,3 +133,45 @@ def test_vllm_backend_builds_its_processor_and_seeded_requests(generated):
     assert [r["sampling_params"]["seed"] for r in requests] == [sample_seed(7, "k", i) for i in range(3)]
     assert requests[0]["messages"] == [{"role": "user", "content": "Describe the cat."}]
     assert requests[0]["sampling_params"]["max_tokens"] == gen.max_new_tokens
+
+
+class _Judge(BaseHTTPRequestHandler):
+    """A loopback OpenAI-compatible judge: 7 for most answers, a non-numeric reply for list answers."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        content = "Score: seven" if "\n- " in body["messages"][0]["content"] else "7"
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_judge_scores_and_quarantines_unparseable_judgements(generated):
+    cfg, _ = generated
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        judge = cfg.score.judge.model_copy(
+            update={"url": f"http://127.0.0.1:{server.server_port}/v1", "max_retries": 1, "requests_per_second": 200}
+        )
+        score = cfg.score.model_copy(update={"scorer": "judge", "judge": judge})
+        manifest = run_score(cfg.model_copy(update={"score": score})).manifest
+    finally:
+        server.shutdown()
+        thread.join()
+    listed = [r for r in _candidates(cfg) if "\n- " in r["response"]]
+    assert listed, "the benchmark's original responses include list answers"
+    assert manifest["rows_quarantined"] == len(listed)
+    assert manifest["quarantine_reasons"] == {"unparseable_score: 'Score: seven'": len(listed)}
+    assert manifest["rows_in"] == manifest["rows_out"] + manifest["rows_quarantined"] == len(_candidates(cfg))
+    quarantined = pads.dataset(f"{cfg.run_dir}/score/quarantine").to_table().to_pylist()
+    assert sorted(q["response"] for q in quarantined) == sorted(r["response"] for r in listed)
+    scored = pads.dataset(f"{cfg.run_dir}/score/scored").to_table()
+    assert set(scored["score"].to_pylist()) == {7.0} and manifest["pairs"] == 0  # all ties: no preference
