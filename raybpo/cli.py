@@ -17,6 +17,7 @@ from raybpo.evaluate import markdown_table
 from raybpo.models.loading import ModelNotFoundError
 from raybpo.models.tokenize import TokenizationError
 from raybpo.rundir import StageMissingError, StageResult
+from raybpo.stages.breadth import run_breadth
 from raybpo.stages.generate import run_generate
 from raybpo.stages.ingest import IngestError, ingest
 from raybpo.stages.score import run_score
@@ -28,7 +29,6 @@ from raybpo.train.sft import run_sft
 # Commands whose stage a later release builds; they fail clearly instead of faking output.
 PLANNED = {
     "run": "the whole stage graph, ingest to evaluate, with skip/resume",
-    "breadth": "prompt embedding, faiss k-means and top-eta selection on Ray Data",
     "depth": "batched LoRA gradient features, gradient clustering and pair allocation",
     "tune": "Ray Tune sweeps over the train + evaluate tail",
     "evaluate": "win rates, reward-model accuracy and ECE",
@@ -160,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest_cmd.add_argument("--preset", choices=["benchmark"], help="generate and ingest the built-in benchmark")
     add("reward", "reward models over several sources: MORE, multitask, single, average (Ray Train)", cmd_reward)
+    add(
+        "breadth",
+        "deduplicate and embed prompts, spherical k-means (faiss), keep the top eta per cluster (Ray Data)",
+        _stage_command(run_breadth),
+    )
     add(
         "generate",
         "n candidates per kept prompt: Hugging Face on CPU, vLLM on GPU (Ray Data)",
