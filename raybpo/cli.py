@@ -17,7 +17,7 @@ from raybpo.evaluate import markdown_table
 from raybpo.models.loading import ModelNotFoundError
 from raybpo.models.tokenize import TokenizationError
 from raybpo.rundir import StageMissingError, StageResult
-from raybpo.stages.breadth import run_breadth
+from raybpo.stages.breadth import BreadthError, run_breadth
 from raybpo.stages.generate import run_generate
 from raybpo.stages.ingest import IngestError, ingest
 from raybpo.stages.score import run_score
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     except (
         ConfigError,
         IngestError,
+        BreadthError,
         NotBuiltError,
         StageMissingError,
         ModelNotFoundError,
