@@ -11,7 +11,6 @@ its reason, never silently dropped.
 from __future__ import annotations
 
 import functools
-import posixpath
 
 import numpy as np
 import pyarrow as pa
@@ -196,6 +195,3 @@ def sequence_lengths(columns: dict[str, list]) -> np.ndarray:
     responses = [k for k in ("chosen_ids", "rejected_ids", "response_ids") if k in columns]
     return np.array([len(p) + max(len(columns[k][i]) for k in responses) for i, p in enumerate(columns["prompt_ids"])])
 
-
-def stage_relpath(stage: str, *parts: str) -> str:
-    return posixpath.join(stage, *parts)
