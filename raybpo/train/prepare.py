@@ -194,4 +194,3 @@ def sequence_lengths(columns: dict[str, list]) -> np.ndarray:
     """Token count of the longest sequence each row contributes (for length bucketing)."""
     responses = [k for k in ("chosen_ids", "rejected_ids", "response_ids") if k in columns]
     return np.array([len(p) + max(len(columns[k][i]) for k in responses) for i, p in enumerate(columns["prompt_ids"])])
-
