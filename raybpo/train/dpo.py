@@ -33,7 +33,7 @@ from raybpo.rundir import (
     run_stage,
     stage_identity,
 )
-from raybpo.train.loop import Recipe, Workers, best_checkpoint, checkpoint_name, fit, unwrap, write_metrics
+from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl, unwrap
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
 
 STAGE = "train"
@@ -207,12 +207,10 @@ def run_train(cfg: Config) -> StageResult:
             counts["eval"] > 0,
             tensorboard_dir=run_dir.path(STAGE, "tensorboard") if run_dir.is_local() else None,
         )
+        history, lines = metrics_jsonl(result)
+        run_dir.write_bytes(f"{STAGE}/metrics.jsonl", lines)
+        _, model = load_trained(factory, result, counts["eval"] > 0)
         with tempfile.TemporaryDirectory() as tmp:
-            history = write_metrics(result, Path(tmp) / "metrics.jsonl")
-            run_dir.write_bytes(f"{STAGE}/metrics.jsonl", (Path(tmp) / "metrics.jsonl").read_bytes())
-            recipe = factory()
-            model = recipe.build_model(torch.device("cpu"))
-            recipe.load_model(model, best_checkpoint(result, counts["eval"] > 0))
             tokenizer = load_tokenizer(reference, cfg.policy)
             adapter = Path(tmp) / "adapter"
             model.save_pretrained(adapter, safe_serialization=True)

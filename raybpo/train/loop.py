@@ -388,8 +388,15 @@ def best_checkpoint(result, has_eval: bool) -> Path:
     return Path(checkpoint.to_directory())
 
 
-def write_metrics(result, path: Path) -> list[dict[str, Any]]:
-    """The run's metric history (logged and checkpointed steps) as JSON lines; returns it."""
+def load_trained(factory: Callable[[], Recipe], result, has_eval: bool) -> tuple[Recipe, nn.Module]:
+    """A fresh recipe and its model on CPU with the run's best checkpoint loaded: what a stage exports."""
+    recipe = factory()
+    model = recipe.build_model(torch.device("cpu"))
+    recipe.load_model(model, best_checkpoint(result, has_eval))
+    return recipe, model
+
+
+def metrics_jsonl(result) -> tuple[list[dict[str, Any]], bytes]:
+    """The run's metric history (logged and checkpointed steps), and the same as JSON lines."""
     rows = result.return_value["history"]
-    path.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
-    return rows
+    return rows, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()

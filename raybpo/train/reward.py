@@ -32,7 +32,7 @@ from raybpo.evaluate import evaluate_reward_models, plot_lambda, summary, write_
 from raybpo.losses import MoreWeighting, bradley_terry_head_grads, bradley_terry_loss
 from raybpo.models.reward import encode_texts, load_reward_model, pooled_and_rewards, reward_head
 from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
-from raybpo.train.loop import Recipe, Workers, best_checkpoint, checkpoint_name, fit, unwrap, write_metrics
+from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl, unwrap
 from raybpo.train.prepare import split_of
 
 STAGE = "reward"
@@ -181,14 +181,13 @@ def train_reward_model(cfg: Config, run_dir: RunDir, mode: str, sources: list[st
     factory = functools.partial(
         make_reward_recipe, cfg.run_dir, backbone(cfg, run_dir), reward.model_dump(mode="json"), mode, sources
     )
-    recipe = factory()
     # The held-out pairs are the evaluation's test set, so no checkpoint is chosen on them: the last is kept.
     result = fit(name, factory, reward, cfg.seed, run_dir.uri_of("checkpoints"), has_eval=False)
-    model = recipe.build_model(torch.device("cpu"))
-    recipe.load_model(model, best_checkpoint(result, has_eval=False))
+    recipe, model = load_trained(factory, result, has_eval=False)
     model.save_pretrained(out, safe_serialization=True)
     recipe.tokenizer.save_pretrained(out)
-    history = write_metrics(result, out.parent / f"{out.name}.metrics.jsonl")
+    history, lines = metrics_jsonl(result)
+    (out.parent / f"{out.name}.metrics.jsonl").write_bytes(lines)
     return {"history": history, "eval_pairs": recipe.num_eval, "train_pairs": sum(map(len, recipe.by_source.values()))}
 
 

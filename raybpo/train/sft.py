@@ -27,7 +27,7 @@ from raybpo.models.logps import collate, token_logps
 from raybpo.models.tiny import build_tiny_model
 from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
 from raybpo.train.dpo import ADAPTER_WEIGHTS, add_lora
-from raybpo.train.loop import Recipe, Workers, best_checkpoint, checkpoint_name, fit, write_metrics
+from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
 
 STAGE = "sft"
@@ -141,11 +141,9 @@ def run_sft(cfg: Config) -> StageResult:
                 counts["eval"] > 0,
                 tensorboard_dir=run_dir.path(STAGE, "tensorboard") if run_dir.is_local() else None,
             )
-            history = write_metrics(result, Path(tmp) / "metrics.jsonl")
-            run_dir.write_bytes(f"{STAGE}/metrics.jsonl", (Path(tmp) / "metrics.jsonl").read_bytes())
-            recipe = factory()
-            model = recipe.build_model(torch.device("cpu"))
-            recipe.load_model(model, best_checkpoint(result, counts["eval"] > 0))
+            history, lines = metrics_jsonl(result)
+            run_dir.write_bytes(f"{STAGE}/metrics.jsonl", lines)
+            _, model = load_trained(factory, result, counts["eval"] > 0)
             if cfg.sft.lora:
                 model = model.merge_and_unload()
             out = Path(tmp) / "model"
