@@ -1,7 +1,7 @@
 """The breadth stage on Ray Data against plain in-process sentence-transformers + scikit-learn KMeans (CPU).
 
 Both sides get the same distinct prompts, the same embedder (the bundled all-MiniLM-L6-v2), the same number of
-clusters K_b and the same ranking rule (`raybpo.stages.breadth`: top round_half_up(eta * size) of every cluster
+clusters K_b and the same ranking rule (`raybpo.clustering`: top round_half_up(eta * size) of every cluster
 by cosine similarity to its centroid, at least one). Reported: prompts per second of each, end to end, the
 ratio, and how much the two selections agree (Jaccard index of the kept sets, adjusted Rand index of the
 cluster assignments).
@@ -105,14 +105,9 @@ def inprocess(job: Path) -> None:
     """Run in a fresh process: embed, cluster (sklearn, then faiss) and select; write the results to JSON."""
     spec = json.loads(job.read_text())
     keys, texts = spec["keys"], spec["texts"]
+    from raybpo.clustering import assign_to_centroids, rank_within_clusters
     from raybpo.config import BreadthConfig
-    from raybpo.stages.breadth import (
-        assign_to_centroids,
-        cluster_and_select,
-        rank_within_clusters,
-        resolve_embedder,
-        select_cluster,
-    )
+    from raybpo.stages.breadth import cluster_and_select, resolve_embedder, select_cluster
 
     started = time.perf_counter()  # torch and sentence-transformers are imported inside the timing, as in an actor
     import torch

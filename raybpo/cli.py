@@ -18,6 +18,7 @@ from raybpo.models.loading import ModelNotFoundError
 from raybpo.models.tokenize import TokenizationError
 from raybpo.rundir import StageMissingError, StageResult
 from raybpo.stages.breadth import BreadthError, run_breadth
+from raybpo.stages.depth import DepthError, run_depth
 from raybpo.stages.generate import run_generate
 from raybpo.stages.ingest import IngestError, ingest
 from raybpo.stages.score import run_score
@@ -29,7 +30,6 @@ from raybpo.train.sft import run_sft
 # Commands whose stage a later release builds; they fail clearly instead of faking output.
 PLANNED = {
     "run": "the whole stage graph, ingest to evaluate, with skip/resume",
-    "depth": "batched LoRA gradient features, gradient clustering and pair allocation",
     "tune": "Ray Tune sweeps over the train + evaluate tail",
     "evaluate": "win rates, reward-model accuracy and ECE",
     "report": "the report (markdown and HTML) with every stage's plots",
@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         "score candidates (reward model, LLM judge, or the benchmark's oracle) and pair them (Ray Data)",
         _stage_command(run_score),
     )
+    add(
+        "depth",
+        "per-pair LoRA gradient features, gradient clustering, BPO pair selection and its baselines (Ray Data)",
+        _stage_command(run_depth),
+    )
     add("sft", "supervised warm-up of the policy on chosen responses (Ray Train)", _stage_command(run_sft))
     add("train", "beta-DPO / DPO / IPO training with LoRA (Ray Train)", _stage_command(run_train))
     for name, description in PLANNED.items():
@@ -197,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         ConfigError,
         IngestError,
         BreadthError,
+        DepthError,
         NotBuiltError,
         StageMissingError,
         ModelNotFoundError,

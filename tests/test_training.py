@@ -62,6 +62,7 @@ def _fit(cfg: Config, name: str, factory=None, **train):
     factory = factory or functools.partial(
         make_dpo_recipe,
         cfg.run_dir,
+        "train",
         cfg.policy.model,
         cfg.policy.model_dump(mode="json"),
         cfg.train.model_dump(mode="json"),
@@ -124,6 +125,7 @@ def test_failed_worker_is_restarted_and_resumes_from_its_checkpoint(prepared, tw
         _crash_once,
         str(marker),
         cfg.run_dir,
+        "train",
         cfg.policy.model,
         cfg.policy.model_dump(mode="json"),
         train.model_dump(mode="json"),
@@ -163,7 +165,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(prepared):
     cfg, _ = prepared
     settings = {**SETTINGS, "num_workers": 1, "micro_batch_size": 8, "max_bad_steps": 3, "max_failures": 0}
     train = cfg.train.model_copy(update={"lr": 1e-2, **settings}).model_dump(mode="json")
-    args = (cfg.run_dir, cfg.policy.model, cfg.policy.model_dump(mode="json"), train, cfg.seed)
+    args = (cfg.run_dir, "train", cfg.policy.model, cfg.policy.model_dump(mode="json"), train, cfg.seed)
     result, _ = _fit(cfg, "nan-some", functools.partial(_nan_recipe, False, *args), log_every=1, **settings)
     history = {h["step"]: h for h in result.return_value["history"]}
     assert [s for s, h in history.items() if h["grad_norm"] != h["grad_norm"]] == [2, 3]

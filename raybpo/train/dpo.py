@@ -139,11 +139,11 @@ class DpoRecipe(Recipe):
         self.beta_dpo.load_state_dict(state["beta_dpo"])
 
 
-def make_dpo_recipe(run_dir: str, reference: str, policy: dict, train: dict, seed: int) -> DpoRecipe:
-    """Built inside each Ray Train worker: reads the prepared pairs of `run_dir`."""
+def make_dpo_recipe(run_dir: str, stage: str, reference: str, policy: dict, train: dict, seed: int) -> DpoRecipe:
+    """Built inside each Ray Train worker: reads the prepared pairs of `stage` in `run_dir`."""
     rd = RunDir(run_dir)
     return DpoRecipe(
-        load_prepared(rd.path(STAGE, "prepared"), rd),
+        load_prepared(rd.path(stage, "prepared"), rd),
         reference,
         PolicyConfig.model_validate(policy),
         TrainConfig.model_validate(train),
@@ -151,11 +151,19 @@ def make_dpo_recipe(run_dir: str, reference: str, policy: dict, train: dict, see
     )
 
 
-def input_pairs(run_dir: RunDir) -> tuple[str, dict]:
-    """The pairs to train on: the depth stage's selection when it has run, else all ingested pairs."""
-    if run_dir.exists("depth", MANIFEST):
-        return run_dir.path("depth", "selected_pairs"), require_stage(run_dir, "depth")
-    return run_dir.path("ingest", "pairs"), require_stage(run_dir, "ingest")
+def input_pairs(run_dir: RunDir, selection: str | None = None) -> tuple[str, dict]:
+    """The pairs to train on: the depth stage's selection when it has run, else all ingested pairs.
+
+    The depth stage writes `selections/{bpo,random,uniform,original}/` at one budget and names the one to
+    train on (`depth.selection`) in its manifest; `selection` picks another (how evaluation trains the baselines).
+    """
+    if selection is None and not run_dir.exists("depth", MANIFEST):
+        return run_dir.path("ingest", "pairs"), require_stage(run_dir, "ingest")
+    depth = require_stage(run_dir, "depth")
+    name = selection or depth["selection"]
+    if not run_dir.exists("depth", "selections", name):
+        raise StageMissingError(f"the depth stage wrote no selection {name!r} in {run_dir.uri_of('depth')}")
+    return run_dir.path("depth", "selections", name), depth
 
 
 def reference_model(cfg: Config, run_dir: RunDir) -> tuple[str, dict]:
@@ -167,20 +175,24 @@ def reference_model(cfg: Config, run_dir: RunDir) -> tuple[str, dict]:
     return cfg.policy.model, {"config_hash": cfg.section_hash("policy"), "created_at": "external"}
 
 
-def run_train(cfg: Config) -> StageResult:
-    """The `train` stage: prepare pairs (+ reference log-probs), beta-DPO with LoRA, write `train/policy/`."""
+def run_train(cfg: Config, stage: str = STAGE, selection: str | None = None) -> StageResult:
+    """The `train` stage: prepare pairs (+ reference log-probs), beta-DPO with LoRA, write `<stage>/policy/`.
+
+    `stage` and `selection` let evaluation train variants (`train-dpo`, `train-random`, ...) beside the
+    main run: the same code, their own folder, manifest and checkpoints.
+    """
     run_dir = RunDir(cfg.run_dir)
-    pairs_path, pairs_manifest = input_pairs(run_dir)
+    pairs_path, pairs_manifest = input_pairs(run_dir, selection)
     reference, reference_manifest = reference_model(cfg, run_dir)
     inputs = {
-        "pairs": stage_identity(pairs_manifest),
+        "pairs": stage_identity(pairs_manifest) + (f"#{selection}" if selection else ""),
         "reference": stage_identity(reference_manifest),
     }
 
     def body(stage_path: str) -> StageCounts:
         counts = prepare(
             pairs_path,
-            run_dir.path(STAGE, "prepared"),
+            run_dir.path(stage, "prepared"),
             run_dir,
             reference,
             cfg.policy,
@@ -192,12 +204,13 @@ def run_train(cfg: Config) -> StageResult:
         factory = functools.partial(
             make_dpo_recipe,
             cfg.run_dir,
+            stage,
             reference,
             cfg.policy.model_dump(mode="json"),
             cfg.train.model_dump(mode="json"),
             cfg.seed,
         )
-        name = checkpoint_name(STAGE, cfg.section_hash("policy", "train"), inputs)
+        name = checkpoint_name(stage, cfg.section_hash("policy", "train"), inputs)
         result = fit(
             name,
             factory,
@@ -205,22 +218,22 @@ def run_train(cfg: Config) -> StageResult:
             cfg.seed,
             run_dir.uri_of("checkpoints"),
             counts["eval"] > 0,
-            tensorboard_dir=run_dir.path(STAGE, "tensorboard") if run_dir.is_local() else None,
+            tensorboard_dir=run_dir.path(stage, "tensorboard") if run_dir.is_local() else None,
         )
         history, lines = metrics_jsonl(result)
-        run_dir.write_bytes(f"{STAGE}/metrics.jsonl", lines)
+        run_dir.write_bytes(f"{stage}/metrics.jsonl", lines)
         _, model = load_trained(factory, result, counts["eval"] > 0)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = load_tokenizer(reference, cfg.policy)
             adapter = Path(tmp) / "adapter"
             model.save_pretrained(adapter, safe_serialization=True)
             tokenizer.save_pretrained(adapter)
-            run_dir.upload_dir(adapter, STAGE, "policy", "adapter")
+            run_dir.upload_dir(adapter, stage, "policy", "adapter")
             if cfg.train.merge:
                 merged = Path(tmp) / "merged"
                 model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
                 tokenizer.save_pretrained(merged)
-                run_dir.upload_dir(merged, STAGE, "policy", "merged")
+                run_dir.upload_dir(merged, stage, "policy", "merged")
         final = history[-1] if history else {}
         return StageCounts(
             rows_in=counts["rows"],
@@ -242,7 +255,7 @@ def run_train(cfg: Config) -> StageResult:
         )
 
     init_ray(cfg.ray)
-    return run_stage(run_dir, STAGE, cfg, ("policy", "train"), inputs, body)
+    return run_stage(run_dir, stage, cfg, ("policy", "train"), inputs, body)
 
 
 FINAL_METRICS = (
