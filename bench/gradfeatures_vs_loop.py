@@ -97,6 +97,7 @@ def run_method(method: str, args: dict, out: multiprocessing.Queue) -> None:
     from raybpo.projection import RademacherProjection
 
     torch.set_num_threads(args["threads"])
+    torch.set_float32_matmul_precision(args["matmul_precision"])
     device = args["device"]
     model = build_model(args["model"], device, args["seed"])
     prompts, chosen, rejected = make_pairs(
@@ -171,6 +172,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--matmul-precision",
+        choices=["highest", "high"],
+        default="highest",
+        help="torch.set_float32_matmul_precision for both methods ('high': TF32 on NVIDIA GPUs).",
+    )
+    parser.add_argument(
         "--prompt-tokens",
         type=_span,
         default=(8, 24),
@@ -201,6 +208,7 @@ def main() -> None:
         "pairs": args["pairs"],
         "batch_size": args["batch_size"],
         "dim": args["dim"],
+        "matmul_precision": args["matmul_precision"],
         "prompt_tokens": args["prompt_tokens"],
         "response_tokens": args["response_tokens"],
         "pairs_per_s": {m: round(v, 2) for m, v in speed.items()},

@@ -1,4 +1,4 @@
-"""`raybpo`: one command per stage of ARCHITECTURE.md, plus `run`, `demo` and `export`.
+"""`raybpo`: one command per stage of ARCHITECTURE.md, plus `run`, `demo`, `tune`, `report` and `export`.
 
 Every command takes `--config FILE.yaml`, `--run-dir DIR` and dotted overrides (`train.beta0=0.2`).
 """
@@ -11,12 +11,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from raybpo.config import FORMATS, Config, ConfigError, SourceSpec, load_config
+from raybpo.config import FORMATS, STAGE_ORDER, Config, ConfigError, SourceSpec, load_config
 from raybpo.data.export import export_trl
-from raybpo.evaluate import markdown_table
+from raybpo.evaluate import markdown_table, run_evaluate
 from raybpo.models.loading import ModelNotFoundError
 from raybpo.models.tokenize import TokenizationError
-from raybpo.rundir import StageMissingError, StageResult
+from raybpo.pipeline import StageRun, run_pipeline, summary_table
+from raybpo.report import write_report
+from raybpo.rundir import RunDir, StageMissingError, StageResult
 from raybpo.stages.breadth import BreadthError, run_breadth
 from raybpo.stages.depth import DepthError, run_depth
 from raybpo.stages.generate import run_generate
@@ -27,13 +29,6 @@ from raybpo.train.loop import NonFiniteLossError
 from raybpo.train.reward import run_reward
 from raybpo.train.sft import run_sft
 
-# Commands whose stage a later release builds; they fail clearly instead of faking output.
-PLANNED = {
-    "run": "the whole stage graph, ingest to evaluate, with skip/resume",
-    "tune": "Ray Tune sweeps over the train + evaluate tail",
-    "evaluate": "win rates, reward-model accuracy and ECE",
-    "report": "the report (markdown and HTML) with every stage's plots",
-}
 DEMO_PRESET = str(Path(__file__).parent / "presets" / "demo.yaml")
 SOURCE_OPTIONS = ("format", "name", "split", "subset", "pku_preference")
 COLUMN_KEYS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
@@ -109,32 +104,46 @@ def _stage_command(stage: Callable[[Config], StageResult]) -> Callable[[argparse
     return run
 
 
+def _run_pipeline(cfg: Config, from_stage: str | None = None, until_stage: str | None = None) -> None:
+    """Run the stage graph with a line per stage as it ends, then the one-screen summary."""
+
+    def progress(index: int, total: int, run: StageRun) -> None:
+        print(f"\n[{index}/{total}] ", end="")
+        _print_result(StageResult(run.manifest, run.skipped), cfg.run_dir)
+
+    result = run_pipeline(cfg, from_stage, until_stage, on_stage=progress)
+    print("\n" + summary_table(result))
+    winrates = RunDir(cfg.run_dir)
+    if result.report and winrates.exists("evaluate", "winrates.md"):
+        print("\n" + winrates.read_bytes("evaluate/winrates.md").decode())
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    _run_pipeline(_config(args), args.from_stage, args.until_stage)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
-    """The built-in benchmark, offline, end to end as far as the pipeline is built."""
+    """The whole pipeline on the built-in benchmark, offline (the demo preset, plus any overrides)."""
     cfg = load_config(args.config or DEMO_PRESET, args.overrides)
     if args.run_dir:
         cfg.run_dir = args.run_dir
-    for stage in (ingest, run_sft, run_train):
-        _print_result(stage(cfg), cfg.run_dir)
-    print(f"\nThe benchmark's files (per-source pairs, held-out prompts): {cfg.run_dir}/ingest/benchmark/")
-    print(f"The trained policy: {cfg.run_dir}/train/policy/ (the SFT reference: {cfg.run_dir}/sft/model/)")
-    print("Not built yet: reward, breadth, generate, score, depth, evaluate, report.")
+    _run_pipeline(cfg, args.from_stage, args.until_stage)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    markdown, html = write_report(_config(args).run_dir)
+    print(f"report: {markdown}\nHTML:   {html}")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from raybpo.tune import run_tune
+
+    run_tune(_config(args))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     count = export_trl(args.pairs, args.out)
     print(f"wrote {count} pairs in TRL preference format to {args.out}")
-
-
-def _planned(name: str) -> Callable[[argparse.Namespace], None]:
-    def run(_: argparse.Namespace) -> None:
-        raise NotBuiltError(f"raybpo {name}: not built yet ({PLANNED[name]} arrives in a later release)")
-
-    return run
-
-
-class NotBuiltError(RuntimeError):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    add("demo", "run the pipeline on the built-in offline benchmark", cmd_demo)
+    for name, help_text, handler in (
+        ("run", "the whole stage graph (ingest to evaluate, then the report), skipping finished stages", cmd_run),
+        ("demo", "`raybpo run` on the built-in offline benchmark (the demo preset)", cmd_demo),
+    ):
+        sub = add(name, help_text, handler)
+        sub.add_argument("--from", dest="from_stage", choices=STAGE_ORDER, help="redo this stage and all after it")
+        sub.add_argument("--until", dest="until_stage", choices=STAGE_ORDER, help="stop after this stage")
     ingest_cmd = add("ingest", "parse, validate and deduplicate preference data into canonical pairs", cmd_ingest)
     ingest_cmd.add_argument(
         "--source",
@@ -182,8 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("sft", "supervised warm-up of the policy on chosen responses (Ray Train)", _stage_command(run_sft))
     add("train", "beta-DPO / DPO / IPO training with LoRA (Ray Train)", _stage_command(run_train))
-    for name, description in PLANNED.items():
-        add(name, description, _planned(name))
+    add(
+        "evaluate",
+        "win rates of the trained policies against the SFT policy, with the data budget",
+        _stage_command(run_evaluate),
+    )
+    add("report", "write report/report.md and report.html from every finished stage", cmd_report)
+    add("tune", "Ray Tune over any config keys (train + evaluate tail), ASHA early stopping", cmd_tune)
     export = commands.add_parser("export", help="write a pairs folder as TRL preference JSONL")
     export.add_argument("pairs", help="a pairs folder, e.g. RUN_DIR/ingest/pairs")
     export.add_argument("out", help="output .jsonl path")
@@ -203,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
         IngestError,
         BreadthError,
         DepthError,
-        NotBuiltError,
         StageMissingError,
         ModelNotFoundError,
         TokenizationError,

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 FORMATS = ("auto", "hh", "trl", "pku", "ultrafeedback", "judge", "columns")
+STAGE_ORDER = ("ingest", "sft", "reward", "breadth", "generate", "score", "depth", "train", "evaluate")
+StageName = Literal["ingest", "sft", "reward", "breadth", "generate", "score", "depth", "train", "evaluate"]
 Format = Literal["auto", "hh", "trl", "pku", "ultrafeedback", "judge", "columns"]
 
 
@@ -276,21 +278,118 @@ class TrainConfig(LoopConfig):
     merge: bool = Field(True, description="Also write the merged model (Hugging Face format, safetensors).")
 
 
+def _flatten_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys: {"train": {"alpha": 0}} -> {"train.alpha": 0}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class VariantSpec(Section):
+    """A policy trained beside the main one and evaluated the same way (stage `train-<name>`)."""
+
+    selection: Literal["bpo", "random", "uniform", "original"] | None = Field(
+        None, description="Train on this depth selection (the depth stage must have run); None: as `train` does."
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Dotted key -> value applied to the run's config, e.g. train.alpha: 0."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten(cls, data: Any) -> Any:
+        """`overrides: {train: {alpha: 0}}` (what a dotted command-line override builds) is `{train.alpha: 0}`."""
+        if isinstance(data, dict) and isinstance(data.get("overrides"), dict):
+            data = {**data, "overrides": _flatten_keys(data["overrides"])}
+        return data
+
+    @model_validator(mode="after")
+    def _train_keys_only(self) -> VariantSpec:
+        bad = [k for k in self.overrides if not (k == "seed" or k.startswith(("train.", "policy.")))]
+        if bad:
+            raise ValueError(f"variant overrides may set train.*, policy.* and seed only, not {bad}")
+        return self
+
+
 class EvaluateConfig(Section):
+    """Win rate of trained policies against the SFT policy on held-out prompts (docs/ALGORITHMS.md 3.4)."""
+
     judge: Literal["oracle", "reward_model", "judge"] = "oracle"
+    reward_model: str | None = Field(
+        None, description="judge=reward_model: model folder (None: score.reward_model, else the reward stage's)."
+    )
+    llm_judge: JudgeConfig | None = Field(None, description="judge=judge: the endpoint (None: score.judge).")
     num_prompts: int | None = Field(None, ge=1, description="Held-out prompts used (None: all).")
-    samples_per_prompt: int = Field(1, ge=1)
-    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    samples_per_prompt: int = Field(1, ge=1, description="Seeded samples per prompt, the same seeds for every policy.")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Level of the normal interval of the win rate.")
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1, description="Responses sampled per generation batch.")
+    concurrency: int = Field(1, ge=1, description="Generation actor pool size.")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per generation actor.")
+    variants: dict[str, VariantSpec] = Field(
+        default_factory=dict,
+        description="Name -> variant trained as stage `train-<name>` and evaluated beside `train`, e.g. "
+        "random: {selection: random}, dpo: {overrides: {train.alpha: 0, train.rho: 1}}.",
+    )
+
+    @model_validator(mode="after")
+    def _variant_names(self) -> EvaluateConfig:
+        allowed = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+        bad = [n for n in self.variants if not n or not set(n) <= allowed or n[0] in "_-"]
+        if bad:
+            raise ValueError(f"variant names must be lower-case letters, digits, '_' or '-' (a folder name): {bad}")
+        return self
 
 
 class TuneConfig(Section):
+    """`raybpo tune`: Ray Tune over config keys, each trial the pipeline's tail (the rules: raybpo/tune.py)."""
+
     search_space: dict[str, list[Any]] = Field(
         default_factory=dict, description="Dotted config key -> values to try, e.g. train.beta0: [0.05, 0.1]."
     )
-    num_samples: int = Field(1, ge=1)
-    metric: str = "win_rate"
+    search: Literal["grid", "random"] = Field(
+        "grid", description="grid: every combination once; random: `num_samples` distinct combinations (seeded)."
+    )
+    num_samples: int = Field(1, ge=1, description="search=random: the number of trials (a grid runs each once).")
+    metric: str = Field("win_rate", description="Ranks finished trials: win_rate, ci_low, ci_high, or a train metric.")
     mode: Literal["max", "min"] = "max"
-    max_concurrent_trials: int = Field(1, ge=1)
+    early_stop_metric: str | None = Field(
+        "eval_loss", description="ASHA stops weak trials on this train-stage metric (None: no early stopping)."
+    )
+    early_stop_mode: Literal["max", "min"] = "min"
+    grace_period: int = Field(1, ge=1, description="ASHA: optimizer steps a trial trains before it can be stopped.")
+    reduction_factor: float = Field(4.0, gt=1.0, description="ASHA: about 1/reduction_factor go on at each rung.")
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials at once; each needs its Ray Train workers' CPUs.")
+    trial_resources: dict[str, float] = Field(
+        default_factory=lambda: {"cpu": 0.0, "memory": 2**20},
+        description="A trial driver's resources: no CPU (its stages' workers reserve their own), a token of memory.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten(cls, data: Any) -> Any:
+        """`search_space: {train: {beta0: [..]}}` (what a dotted override builds) is `{train.beta0: [..]}`."""
+        if isinstance(data, dict) and isinstance(data.get("search_space"), dict):
+            data = {**data, "search_space": _flatten_keys(data["search_space"])}
+        return data
+
+    @model_validator(mode="after")
+    def _samples_are_random_draws(self) -> TuneConfig:
+        empty = [key for key, values in self.search_space.items() if not values]
+        if empty:
+            raise ValueError(f"search_space: no values to try for {empty}")
+        if self.search == "grid" and self.num_samples != 1:
+            raise ValueError(
+                "num_samples counts random draws (search: random); a grid runs every combination once "
+                "(for repeats, search over the seed: search_space: {seed: [0, 1, 2]})"
+            )
+        return self
 
 
 class Config(Section):
@@ -298,6 +397,11 @@ class Config(Section):
 
     run_dir: str = Field("runs/demo", description="Local path or a pyarrow-filesystem URI (e.g. s3://...).")
     seed: int = 0
+    stages: list[StageName] = Field(
+        default_factory=lambda: list(STAGE_ORDER),
+        min_length=1,
+        description="The stages `raybpo run` runs, in graph order (e.g. drop breadth..depth for plain beta-DPO).",
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
@@ -311,6 +415,12 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @field_validator("run_dir")
+    @classmethod
+    def _absolute_run_dir(cls, value: str) -> str:
+        """A local run directory is made absolute: Ray workers run in other working directories."""
+        return value if "://" in value else str(Path(value).expanduser().resolve())
 
     def section_hash(self, *sections: str) -> str:
         """sha256 of the named sections (plus `seed`), the identity a stage's manifest records."""

@@ -1,7 +1,8 @@
 """SFT, then beta-DPO, on the built-in benchmark: the policy's samples on held-out prompts get better.
 
-A real, seeded end-to-end check through `raybpo demo` (its preset, stages and manifests): the tiny
-policy is trained from scratch by `sft`, aligned by `train`, and both are sampled
+A real, seeded end-to-end check through `raybpo demo` (its preset and manifests, with the stages cut to ingest,
+sft and train, so train learns from every ingested pair for one epoch; tests/test_pipeline.py runs the whole
+graph): the tiny policy is trained from scratch by `sft`, aligned by `train`, and both are sampled
 on the benchmark's held-out prompts and scored by its ground-truth utility. Paired by prompt and
 sampling seed, the trained policy must beat the SFT policy by a clear margin.
 """
@@ -36,7 +37,7 @@ def _utilities(model_dir: Path, prompts: list[str], seeds: range) -> np.ndarray:
 @pytest.mark.usefixtures("ray_session")
 def test_sft_then_beta_dpo_raises_held_out_utility(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["demo", "--run-dir", str(run), "seed=1"]) == 0
+    assert main(["demo", "--run-dir", str(run), "seed=1", "stages=[ingest,sft,train]", "train.epochs=1"]) == 0
     out = capsys.readouterr().out
     assert "ingest: done" in out and "sft: done" in out and "train: done" in out
     sft = json.loads((run / "sft/manifest.json").read_text())

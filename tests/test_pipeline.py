@@ -1,0 +1,119 @@
+"""`raybpo run`: the whole stage graph on a tiny benchmark, a rerun that skips every stage, `--from train`
+redoing only the tail, and a driver killed mid-pipeline whose rerun finishes with the same outputs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from raybpo.cli import main
+from raybpo.config import STAGE_ORDER, ConfigError, load_config
+from raybpo.pipeline import forget_from, planned_stages
+from raybpo.rundir import RunDir
+
+TINY = str(Path(__file__).with_name("tiny.yaml"))
+
+
+def _manifests(run: Path) -> dict[str, dict]:
+    return {s: json.loads((run / s / "manifest.json").read_text()) for s in [*STAGE_ORDER, "train-random"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_session, tmp_path_factory):
+    run = tmp_path_factory.mktemp("pipeline") / "run"
+    started = time.perf_counter()
+    assert main(["run", "--config", TINY, "--run-dir", str(run)]) == 0
+    return run, time.perf_counter() - started
+
+
+def test_the_whole_pipeline_runs_and_ends_with_a_summary_and_the_report(tiny_run, capsys):
+    run, seconds = tiny_run
+    manifests = _manifests(run)
+    assert manifests["depth"]["selection"] == "bpo" and manifests["depth"]["budget"] == manifests["train"]["rows_in"]
+    assert manifests["evaluate"]["rows_in"] > 0 and 0.0 <= manifests["evaluate"]["win_rate"] <= 1.0
+    evaluation = json.loads((run / "evaluate/evaluation.json").read_text())
+    assert {p["name"] for p in evaluation["policies"]} >= {"train", "random"}
+    markdown = (run / "report/report.md").read_text()
+    assert (run / "report/report.html").exists() and "win rate" in markdown.lower()
+    print(f"tiny pipeline: {seconds:.0f} s")
+
+
+def test_a_rerun_skips_every_stage(tiny_run, capsys):
+    run, _ = tiny_run
+    before = _manifests(run)
+    assert main(["run", "--config", TINY, "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == len(STAGE_ORDER)
+    assert "report: " in out and "stage" in out and "wall s" in out  # the summary table and where the report is
+    assert _manifests(run) == before
+
+
+def test_from_train_redoes_only_the_tail(tiny_run, capsys):
+    run, _ = tiny_run
+    before = _manifests(run)
+    assert main(["run", "--config", TINY, "--run-dir", str(run), "--from", "train"]) == 0
+    after = _manifests(run)
+    for stage in STAGE_ORDER[: STAGE_ORDER.index("train")]:
+        assert after[stage] == before[stage], stage
+    for stage in ("train", "train-random", "evaluate"):
+        assert after[stage]["created_at"] >= before[stage]["created_at"] and after[stage] != before[stage], stage
+        assert after[stage]["config_hash"] == before[stage]["config_hash"]
+    assert after["evaluate"]["win_rate"] == before["evaluate"]["win_rate"]  # CPU training is deterministic
+
+
+def test_a_killed_driver_reruns_to_the_same_outputs(tiny_run, tmp_path):
+    """Kill `raybpo run` while it trains (after depth), rerun it: the outputs equal the uninterrupted run's."""
+    run, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "report", "train*", "evaluate"))
+    command = [sys.executable, "-m", "raybpo.cli", "run", "--config", TINY, "--run-dir", str(copy)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 300
+    while not any((copy / "checkpoints").glob("train-*/checkpoint_*")) and driver.poll() is None:
+        assert time.monotonic() < deadline, "the driver never reached its first train checkpoint"
+        time.sleep(0.5)
+    assert driver.poll() is None, "the pipeline finished before it could be killed"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert not (copy / "train/manifest.json").exists()
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    first, second = _manifests(run), _manifests(copy)
+    assert second["evaluate"]["win_rate"] == first["evaluate"]["win_rate"]
+    for stage in ("train", "train-random"):
+        assert second[stage]["final_metrics"] == first[stage]["final_metrics"], stage
+    a = pads.dataset(run / "depth/selections/bpo").to_table().sort_by("pair_id")
+    b = pads.dataset(copy / "depth/selections/bpo").to_table().sort_by("pair_id")
+    assert a.equals(b)
+
+
+def test_stage_names_and_from_are_checked(tmp_path):
+    cfg = load_config(TINY, [f"run_dir={tmp_path}"])
+    assert planned_stages(cfg) == list(STAGE_ORDER)
+    assert planned_stages(cfg, until_stage="breadth") == ["ingest", "sft", "reward", "breadth"]
+    with pytest.raises(ConfigError, match="not a stage"):
+        planned_stages(cfg, until_stage="polish")
+    short = load_config(TINY, [f"run_dir={tmp_path}", "stages=[ingest,sft,train,evaluate]"])
+    assert planned_stages(short) == ["ingest", "sft", "train", "evaluate"]
+    with pytest.raises(ConfigError, match="do not include it"):
+        planned_stages(short, from_stage="depth")
+    with pytest.raises(ConfigError, match="stages"):
+        load_config(TINY, ["stages=[ingest,polish]"])
+
+
+def test_forget_from_removes_the_later_manifests_and_the_variants(tmp_path):
+    run = RunDir(tmp_path)
+    for stage in ("ingest", "depth", "train", "train-dpo", "evaluate"):
+        run.write_json(f"{stage}/manifest.json", {})
+    assert sorted(forget_from(run, "train")) == ["evaluate", "train", "train-dpo"]
+    assert run.exists("depth", "manifest.json") and not run.exists("train-dpo", "manifest.json")

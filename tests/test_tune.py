@@ -1,0 +1,150 @@
+"""`raybpo tune`: the search space, and a two-trial sweep over train.beta0 on a tiny run.
+
+The run: the benchmark (3 x 60 pairs over 30 prompts, 6 held-out prompts), a tiny config-built policy as
+`policy.model` (no sft stage), stages ingest, train, evaluate. The sweep shares the main run's ingest (copied
+into each trial as hard links) and runs train + evaluate per trial, with ASHA on eval_loss.
+"""
+
+import csv
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import ray
+from ray.util import placement_group_table
+
+from raybpo.config import Config, ConfigError, TinyModelConfig, TuneConfig, load_config
+from raybpo.models.tiny import build_tiny_model
+from raybpo.rundir import RunDir
+from raybpo.stages.ingest import ingest
+from raybpo.train.reward import read_pairs
+from raybpo.tune import StopBoard, check_search, make_scheduler, run_tune, trial_name, trial_overrides
+
+TRAIN = {"batch_size": 16, "micro_batch_size": 16, "checkpoint_every": 5, "log_every": 1000, "lr": 1e-2}
+TRAIN |= {"precompute_ref_logps": False}  # the tiny reference runs inside the step: no model in the prepare pass
+
+
+def _config(run_dir: Path, **tune) -> Config:
+    cfg = Config(run_dir=str(run_dir), stages=["ingest", "train", "evaluate"])
+    cfg.ingest.preset = "benchmark"
+    cfg.benchmark = cfg.benchmark.model_copy(update={"pairs_per_source": 60, "train_prompts": 30, "eval_prompts": 6})
+    cfg.train = cfg.train.model_copy(update=TRAIN)
+    cfg.evaluate = cfg.evaluate.model_copy(update={"samples_per_prompt": 1, "max_new_tokens": 8, "batch_size": 8})
+    cfg.tune = cfg.tune.model_validate({**cfg.tune.model_dump(), **tune})
+    return cfg
+
+
+# -- the search space -----------------------------------------------------------------------------------------
+
+
+def test_a_wrong_key_or_value_in_the_search_space_is_named_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'train.betta0' \(did you mean 'beta0'\?\)"):
+        run_tune(_config(tmp_path / "run", search_space={"train.betta0": [0.1, 0.2]}))
+    with pytest.raises(ConfigError, match=r"train.rho: Input should be less than or equal to 1"):
+        check_search(_config(tmp_path / "run", search_space={"train.rho": [0.5, 2]}))
+    with pytest.raises(ConfigError, match="fixed for a sweep"):
+        check_search(_config(tmp_path / "run", search_space={"run_dir": ["a", "b"]}))
+    with pytest.raises(ConfigError, match=r"none of the config.s stages .* reads depth"):
+        check_search(_config(tmp_path / "run", search_space={"depth.eta": [0.1, 0.2]}))
+    with pytest.raises(ConfigError, match="listed twice"):
+        check_search(_config(tmp_path / "run", search_space={"train.beta0": [0.1, 0.1]}))
+    with pytest.raises(ConfigError, match=r"tune\.search_space is empty"):
+        check_search(_config(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="num_samples counts random draws"):
+        load_config(None, ["tune.num_samples=3"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_first_stage_is_the_first_planned_stage_reading_a_searched_section(tmp_path):
+    cfg = _config(tmp_path, search_space={"train.beta0": [0.1], "evaluate.temperature": [0.5]})
+    assert check_search(cfg) == "train"
+    cfg.stages = ["ingest", "sft", "breadth", "generate", "score", "depth", "train", "evaluate"]
+    assert check_search(cfg) == "depth"  # depth hashes the whole train section
+    cfg.tune.search_space = {"seed": [0, 1]}
+    assert check_search(cfg) == "ingest"
+
+
+def test_grid_and_seeded_random_trials():
+    cfg = load_config(None, ["tune.search_space.train.beta0=[0.05,0.1]", "tune.search_space.train.rho=[0.5,0.8,1]"])
+    grid = trial_overrides(cfg)
+    assert len(grid) == 6 and grid[0] == {"train.beta0": 0.05, "train.rho": 0.5} and grid[5]["train.rho"] == 1
+    assert len({trial_name(t) for t in grid}) == 6
+    cfg.tune.search, cfg.tune.num_samples = "random", 4
+    draws = trial_overrides(cfg)
+    assert len(draws) == 4 and all(d in grid for d in draws) and len({trial_name(d) for d in draws}) == 4
+    assert draws == trial_overrides(cfg)  # seeded
+    cfg.tune.num_samples = 7
+    with pytest.raises(ConfigError, match="exceeds the 6 combinations"):
+        trial_overrides(cfg)
+
+
+def test_asha_stops_a_trial_through_the_board_and_tells_tune_to_continue(ray_session):
+    board = StopBoard.remote()
+    asha = make_scheduler(TuneConfig(grace_period=5, reduction_factor=2), board)
+    good, bad = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="bad")
+    for trial in (good, bad):
+        asha.on_trial_add(None, trial)
+    assert asha.on_trial_result(None, good, {"step": 3, "eval_loss": 0.5}) == asha.CONTINUE  # before grace_period
+    assert asha.on_trial_result(None, good, {"step": 5, "eval_loss": 0.6}) == asha.CONTINUE
+    assert asha.on_trial_result(None, bad, {"step": 5, "eval_loss": 0.9}) == asha.CONTINUE  # ASHA said stop
+    assert asha.on_trial_result(None, bad, {"step": 6}) == asha.CONTINUE  # no metric: ignored
+    assert ray.get([board.stopped.remote("good"), board.stopped.remote("bad")]) == [False, True]
+    ray.kill(board)
+
+
+# -- a sweep --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    cfg = _config(root / "run", search_space={"train.beta0": [0.05, 0.2]}, grace_period=5)
+    ingest(cfg)
+    pairs = read_pairs(RunDir(cfg.run_dir))
+    tiny = TinyModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+    cfg.policy.model = str(build_tiny_model(pairs["prompt"] + pairs["chosen"], tiny, root / "tiny", seed=0))
+    before = set(placement_group_table())
+    summary = run_tune(cfg)
+    leaked = [pg for key, pg in placement_group_table().items() if key not in before and pg["state"] != "REMOVED"]
+    assert not leaked, leaked  # an early-stopped trial's train run released its workers' placement group
+    return cfg, summary
+
+
+def test_the_sweep_writes_its_table_and_the_best_config(sweep):
+    cfg, summary = sweep
+    tune_dir = Path(cfg.run_dir) / "tune"
+    rows = list(csv.DictReader((tune_dir / "results.csv").open()))
+    assert sorted(float(r["train.beta0"]) for r in rows) == [0.05, 0.2]
+    assert {r["status"] for r in rows} <= {"finished", "early-stopped"} and rows[0]["status"] == "finished"
+    assert all(r["tail"] == "train evaluate" and float(r["eval_loss"]) > 0 for r in rows)
+    assert all(int(r["steps"]) >= 5 for r in rows)  # the train loop's checkpoint reports reached Tune
+    finished = [r for r in summary.rows if r.status == "finished"]
+    assert summary.best is finished[0] and summary.best.metric == max(r.metric for r in finished)
+    assert "| rank | trial | train.beta0 | status | win_rate | eval_loss |" in (tune_dir / "results.md").read_text()
+
+    best = load_config(tune_dir / "best_config.yaml")
+    assert best.train.beta0 == summary.best.overrides["train.beta0"] and best.run_dir == cfg.run_dir
+    assert best.model_copy(update={"train": cfg.train, "tune": cfg.tune}) == cfg  # only the searched key differs
+    summary_json = json.loads((tune_dir / "summary.json").read_text())
+    assert summary_json["best"]["name"] == summary.best.name and len(summary_json["trials"]) == 2
+    assert json.loads((tune_dir / "manifest.json").read_text())["best_trial"] == summary.best.name
+
+
+def test_each_trial_runs_the_tail_in_its_own_run_dir_on_the_main_runs_upstream(sweep):
+    cfg, summary = sweep
+    main = Path(cfg.run_dir)
+    for row in summary.rows:
+        trial = main / "tune" / row.name
+        assert json.loads((trial / "ingest/manifest.json").read_text()) == json.loads(
+            (main / "ingest/manifest.json").read_text()
+        )
+        pairs = next((main / "ingest/pairs").glob("*.parquet"))
+        assert os.stat(trial / "ingest/pairs" / pairs.name).st_ino == os.stat(pairs).st_ino  # a hard link
+        train = json.loads((trial / "train/manifest.json").read_text()) if row.status == "finished" else None
+        if train is not None:
+            assert train["config"]["train"]["beta0"] == row.overrides["train.beta0"]
+            evaluation = json.loads((trial / "evaluate/manifest.json").read_text())
+            assert evaluation["win_rate"] == pytest.approx(row.metric)
+    assert not (main / "train").exists()  # the main run itself trained nothing
