@@ -19,10 +19,11 @@ from raybpo.pipeline import forget_from, planned_stages
 from raybpo.rundir import RunDir
 
 TINY = str(Path(__file__).with_name("tiny.yaml"))
+STAGES = [s for s in STAGE_ORDER if s != "reward"]  # tiny.yaml's stages
 
 
 def _manifests(run: Path) -> dict[str, dict]:
-    return {s: json.loads((run / s / "manifest.json").read_text()) for s in [*STAGE_ORDER, "train-random"]}
+    return {s: json.loads((run / s / "manifest.json").read_text()) for s in STAGES}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_the_whole_pipeline_runs_and_ends_with_a_summary_and_the_report(tiny_run
     assert manifests["depth"]["selection"] == "bpo" and manifests["depth"]["budget"] == manifests["train"]["rows_in"]
     assert manifests["evaluate"]["rows_in"] > 0 and 0.0 <= manifests["evaluate"]["win_rate"] <= 1.0
     evaluation = json.loads((run / "evaluate/evaluation.json").read_text())
-    assert {p["name"] for p in evaluation["policies"]} >= {"train", "random"}
+    assert [p["name"] for p in evaluation["policies"]] == ["train"]
     markdown = (run / "report/report.md").read_text()
     assert (run / "report/report.html").exists() and "win rate" in markdown.lower()
     print(f"tiny pipeline: {seconds:.0f} s")
@@ -50,7 +51,7 @@ def test_a_rerun_skips_every_stage(tiny_run, capsys):
     before = _manifests(run)
     assert main(["run", "--config", TINY, "--run-dir", str(run)]) == 0
     out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == len(STAGE_ORDER)
+    assert out.count("up to date, skipped") == len(STAGES)
     assert "report: " in out and "stage" in out and "wall s" in out  # the summary table and where the report is
     assert _manifests(run) == before
 
@@ -60,9 +61,9 @@ def test_from_train_redoes_only_the_tail(tiny_run, capsys):
     before = _manifests(run)
     assert main(["run", "--config", TINY, "--run-dir", str(run), "--from", "train"]) == 0
     after = _manifests(run)
-    for stage in STAGE_ORDER[: STAGE_ORDER.index("train")]:
+    for stage in STAGES[: STAGES.index("train")]:
         assert after[stage] == before[stage], stage
-    for stage in ("train", "train-random", "evaluate"):
+    for stage in ("train", "evaluate"):
         assert after[stage]["created_at"] >= before[stage]["created_at"] and after[stage] != before[stage], stage
         assert after[stage]["config_hash"] == before[stage]["config_hash"]
     assert after["evaluate"]["win_rate"] == before["evaluate"]["win_rate"]  # CPU training is deterministic
@@ -90,8 +91,7 @@ def test_a_killed_driver_reruns_to_the_same_outputs(tiny_run, tmp_path):
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     first, second = _manifests(run), _manifests(copy)
     assert second["evaluate"]["win_rate"] == first["evaluate"]["win_rate"]
-    for stage in ("train", "train-random"):
-        assert second[stage]["final_metrics"] == first[stage]["final_metrics"], stage
+    assert second["train"]["final_metrics"] == first["train"]["final_metrics"]
     a = pads.dataset(run / "depth/selections/bpo").to_table().sort_by("pair_id")
     b = pads.dataset(copy / "depth/selections/bpo").to_table().sort_by("pair_id")
     assert a.equals(b)
@@ -99,8 +99,9 @@ def test_a_killed_driver_reruns_to_the_same_outputs(tiny_run, tmp_path):
 
 def test_stage_names_and_from_are_checked(tmp_path):
     cfg = load_config(TINY, [f"run_dir={tmp_path}"])
-    assert planned_stages(cfg) == list(STAGE_ORDER)
-    assert planned_stages(cfg, until_stage="breadth") == ["ingest", "sft", "reward", "breadth"]
+    assert planned_stages(cfg) == STAGES
+    assert planned_stages(cfg, until_stage="breadth") == ["ingest", "sft", "breadth"]
+    assert planned_stages(load_config(None, [f"run_dir={tmp_path}"])) == list(STAGE_ORDER)
     with pytest.raises(ConfigError, match="not a stage"):
         planned_stages(cfg, until_stage="polish")
     short = load_config(TINY, [f"run_dir={tmp_path}", "stages=[ingest,sft,train,evaluate]"])
