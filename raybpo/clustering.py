@@ -9,10 +9,11 @@ points keeps `keep_count(size, eta) = max(1, round_half_up(eta * size))`.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
+
+from raybpo.plots import png_bytes
 
 KMEANS_NITER = 25
 INIT_STREAM = 0  # the k-means++ init draws from (seed, INIT_STREAM)
@@ -129,7 +130,4 @@ def plot_cluster_sizes(sizes: np.ndarray, kept: np.ndarray, eta: float, method: 
     for ax in (left, right):
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)

@@ -29,7 +29,6 @@ overrides), each against the SFT policy (the reference of training) on held-out 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from collections import Counter
@@ -53,6 +52,7 @@ from raybpo.data import benchmark
 from raybpo.data.schema import prompt_key
 from raybpo.losses import expected_calibration_error, preference_accuracy
 from raybpo.models.reward import encode_texts, load_reward_model
+from raybpo.plots import png_bytes
 from raybpo.rundir import (
     MANIFEST,
     RunDir,
@@ -587,10 +587,7 @@ def plot_winrates(evaluation: dict[str, Any]) -> bytes:
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), xlabel=f"win rate vs SFT ({evaluation['confidence']:.0%} CI)", title=evaluation["labelled"])
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def sample_all(cfg: Config, models: list[tuple[str, str]], prompts: list[str]) -> ray.data.Dataset:

@@ -20,7 +20,6 @@ anywhere. `report.md` and `report.html` hold the same blocks; the HTML is one pa
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 import posixpath
@@ -31,6 +30,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from raybpo.evaluate import WINRATE_HEADER, winrate_note, winrate_rows
+from raybpo.plots import png_bytes
 from raybpo.rundir import MANIFEST, RunDir
 
 REPORT = "report"
@@ -205,10 +205,7 @@ def plot_training(histories: dict[str, list[dict[str, Any]]]) -> bytes:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def _pngs(run_dir: RunDir, *parts: str) -> list[str]:

@@ -36,7 +36,6 @@ pairs = featured + quarantined; featured = selected + not selected (in the manif
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -73,6 +72,7 @@ from raybpo.models.gradients import (
 from raybpo.models.loading import load_causal_lm
 from raybpo.models.logps import collate_pairs
 from raybpo.models.tokenize import TokenizationError, encode_pair
+from raybpo.plots import png_bytes
 from raybpo.projection import RademacherProjection
 from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
 from raybpo.train.dpo import add_lora, reference_model
@@ -375,10 +375,7 @@ def plot_pairs_per_prompt(allocations: dict[str, np.ndarray]) -> bytes:
     ax.set(title="pairs per prompt", xlabel="pairs selected for the prompt", ylabel="prompts")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def _feature_matrix(column: pa.ChunkedArray) -> np.ndarray:
