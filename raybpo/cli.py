@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # faiss logs each CPU build it tries (ModuleNotFoundError lines) at INFO before loading the generic one
+    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         args.handler(args)
     except (

@@ -19,5 +19,7 @@ def init_ray(cfg: RayConfig) -> None:
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.address)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)
+        # The dashboard (on loopback only) serves the State API that Ray Train's placement-group cleaner polls;
+        # without it the cleaner logs "Failed to query Ray Train Controller actor state" every second.
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     log.info("Ray resources: %s", ray.cluster_resources())
