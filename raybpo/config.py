@@ -129,6 +129,9 @@ class LoopConfig(Section):
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints (and evals).")
     max_bad_steps: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
     num_workers: int = Field(1, ge=1, description="Data-parallel Ray Train workers.")
+    cpus_per_worker: int = Field(
+        1, ge=1, description="CPUs each Ray Train worker reserves (and torch threads it uses on CPU)."
+    )
     use_gpu: bool = False
     max_failures: int = Field(2, ge=0, description="Worker-group restarts before the run fails.")
     log_every: int = Field(10, ge=1, description="Steps between console lines.")
@@ -157,6 +160,11 @@ class RewardConfig(LoopConfig):
     pairs_per_source_per_batch: int = Field(1, ge=1, description="Pairs of every source in each micro-batch.")
     momentum: float = Field(0.99, gt=0.0, le=1.0, description="MORE head-gradient momentum (weight on new).")
     ece_bins: int = Field(10, ge=2)
+    judge_model: bool = Field(
+        False,
+        description="Train two models on disjoint halves of the training pairs: `model/` scores candidates, "
+        "`judge/` judges evaluate (judge=reward_model), so no policy is judged by the model that scored its pairs.",
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self) -> RewardConfig:
@@ -167,6 +175,8 @@ class RewardConfig(LoopConfig):
                 f"batch_size={self.batch_size} must be a multiple of pairs_per_source_per_batch * num_workers = "
                 f"{per_step} (and of that times the number of sources)"
             )
+        if self.judge_model and self.mode not in ("more", "multitask"):
+            raise ValueError(f"judge_model needs mode more or multitask (one model per half), not {self.mode!r}")
         return self
 
     lr: float = Field(2e-5, gt=0.0)
@@ -190,6 +200,7 @@ class BreadthConfig(Section):
     eta: float = Field(0.10, gt=0.0, le=1.0, description="eta_b: kept share of every cluster.")
     batch_size: int = Field(256, ge=1)
     concurrency: int = Field(1, ge=1, description="Embedding actor pool size.")
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per embedding actor (its torch threads on CPU).")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per embedding actor.")
 
 
@@ -199,8 +210,12 @@ class GenerateConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(64, ge=1)
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="Prompt tokens kept (the END, as training truncates); None: the whole prompt."
+    )
     batch_size: int = Field(16, ge=1)
     concurrency: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per generation actor (its torch threads on CPU).")
     num_gpus: float = Field(0.0, ge=0.0)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments.")
 
@@ -248,6 +263,7 @@ class DepthConfig(Section):
     warmup_lr: float = Field(1e-4, gt=0.0)
     adam_preconditioning: bool = Field(False, description="LESS's Adam features from the warm-up's optimizer state.")
     concurrency: int = Field(1, ge=1, description="Gradient-feature actors.")
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per gradient-feature actor (its torch threads on CPU).")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per gradient-feature actor.")
 
     @model_validator(mode="after")
@@ -320,7 +336,9 @@ class EvaluateConfig(Section):
 
     judge: Literal["oracle", "reward_model", "judge"] = "oracle"
     reward_model: str | None = Field(
-        None, description="judge=reward_model: model folder (None: score.reward_model, else the reward stage's)."
+        None,
+        description="judge=reward_model: model folder (None: the reward stage's judge/ when reward.judge_model, "
+        "else score.reward_model, else the reward stage's model).",
     )
     llm_judge: JudgeConfig | None = Field(None, description="judge=judge: the endpoint (None: score.judge).")
     num_prompts: int | None = Field(None, ge=1, description="Held-out prompts used (None: all).")
@@ -329,8 +347,10 @@ class EvaluateConfig(Section):
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(64, ge=1)
+    max_prompt_length: int | None = Field(None, ge=1, description="Prompt tokens kept (the end); None: all.")
     batch_size: int = Field(16, ge=1, description="Responses sampled per generation batch.")
     concurrency: int = Field(1, ge=1, description="Generation actor pool size.")
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per generation actor (its torch threads on CPU).")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per generation actor.")
     variants: dict[str, VariantSpec] = Field(
         default_factory=dict,

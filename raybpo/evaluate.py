@@ -422,8 +422,10 @@ def sampling_config(cfg: Config) -> GenerateConfig:
         temperature=e.temperature,
         top_p=e.top_p,
         max_new_tokens=e.max_new_tokens,
+        max_prompt_length=e.max_prompt_length,
         batch_size=e.batch_size,
         concurrency=e.concurrency,
+        num_cpus=e.num_cpus,
         num_gpus=e.num_gpus,
     )
 
@@ -443,6 +445,9 @@ def judge_setup(cfg: Config, run_dir: RunDir) -> Judge:
     if cfg.evaluate.judge == "reward_model":
         if cfg.evaluate.reward_model:
             model, identity = cfg.evaluate.reward_model, f"external:{cfg.evaluate.reward_model}"
+        elif run_dir.exists("reward", "judge"):  # reward.judge_model: the half that scored no candidates
+            identity = f"{stage_identity(require_stage(run_dir, 'reward'))}#judge"
+            model = run_dir.local_dir("reward", "judge")
         else:
             model, manifest = scorer_model(cfg, run_dir)
             identity = stage_identity(manifest)
@@ -610,6 +615,7 @@ def sample_all(cfg: Config, models: list[tuple[str, str]], prompts: list[str]) -
         batch_format="pyarrow",
         batch_size=max(1, sampling.batch_size // sampling.n),
         compute=ray.data.ActorPoolStrategy(size=sampling.concurrency),
+        num_cpus=sampling.num_cpus,
         num_gpus=sampling.num_gpus,
     )
 

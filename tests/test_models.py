@@ -142,6 +142,22 @@ def test_seeded_sampling_is_independent_of_the_batch_and_respects_max_tokens(tin
     assert all(len(row) <= 12 for row in ids) and max(map(len, ids)) == 12  # an untrained model rarely stops
 
 
+def test_max_prompt_length_keeps_the_end_of_the_prompt(tiny):
+    """Two prompts that differ only in their first words sample the same once those words are cut away."""
+    model, tokenizer = tiny
+    tail = " Describe the moon and the owl, please."
+    prompts = ["Tell me about the cat." + tail, "Hi!" + tail]
+    keep = len(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    cut = sample_token_ids(model, tokenizer, prompts, [5, 5], max_new_tokens=8, max_prompt_length=keep)
+    assert cut[0] == cut[1]
+    ids = torch.tensor([encode_prompt(tokenizer, prompts[0])[-keep:]])
+    greedy = sample_token_ids(
+        model, tokenizer, prompts[:1], [0], max_new_tokens=8, temperature=0, max_prompt_length=keep
+    )
+    theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert greedy[0] == [t for t in theirs[0, keep:].tolist() if t != tokenizer.eos_token_id]
+
+
 def test_greedy_decoding_equals_hugging_face_generate(tiny):
     model, tokenizer = tiny
     prompts = ["Describe the cat.", "Tell me about the moon, please, in detail."]

@@ -199,3 +199,17 @@ def test_small_real_data_run_on_hh_rows(ray_session, tmp_path, hh_path):
     assert manifest["evaluation"]["eval_pairs"]["harmless"] > 80
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["ece"] <= 1.0 and np.isfinite(metrics["reward_std"])
     assert (Path(cfg.run_dir) / "reward" / "model" / "model.safetensors").exists()
+
+
+def test_judge_halves_split_the_training_pairs(benchmark_run):
+    """reward.judge_model: the scorer and the judge train on disjoint halves whose union is every training pair."""
+    cfg, backbone = benchmark_run
+    pairs = read_pairs(RunDir(cfg.run_dir))
+    recipes = [RewardRecipe(pairs, backbone, RewardConfig(), "multitask", half) for half in (None, 0, 1)]
+    everything, first, second = ({s: set(rows) for s, rows in r.by_source.items()} for r in recipes)
+    for source, rows in everything.items():
+        assert first[source].isdisjoint(second[source]) and first[source] | second[source] == rows
+        assert 0.4 < len(first[source]) / len(rows) < 0.6
+    assert recipes[1].eval_rows == recipes[0].eval_rows  # both are judged on the same held-out pairs
+    with pytest.raises(ValueError, match="judge_model needs mode more or multitask"):
+        RewardConfig(mode="single", judge_model=True)

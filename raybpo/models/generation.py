@@ -2,7 +2,8 @@
 
 `sample_seeded` draws every row with its own `torch.Generator`, so a response depends only on the
 model, its prompt and its seed: not on the batch it was sampled in, the batch size, the worker or a
-rerun. Prompts are rendered exactly as in training (`encode_prompt`), left-padded, and decoded with
+rerun. Prompts are rendered exactly as in training (`encode_prompt`; with `max_prompt_length` only their
+last tokens are kept, as training truncates), left-padded, and decoded with
 the KV cache; a row stops at EOS or after `max_new_tokens`. `sample_responses` is the evaluation
 convenience: one response per prompt with seeds derived from (seed, prompt position).
 """
@@ -43,11 +44,14 @@ def sample_token_ids(
     temperature: float = 1.0,
     top_p: float = 1.0,
     use_chat_template: bool = True,
+    max_prompt_length: int | None = None,
 ) -> list[list[int]]:
     """The sampled token ids of one response per (prompt, seed), without EOS; temperature 0 is greedy."""
     model.eval()
     device = model.device
     encoded = [encode_prompt(tokenizer, p, use_chat_template) for p in prompts]
+    if max_prompt_length is not None:
+        encoded = [ids[-max_prompt_length:] for ids in encoded]
     width = max(map(len, encoded))
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
@@ -90,9 +94,12 @@ def sample_seeded(
     temperature: float = 1.0,
     top_p: float = 1.0,
     use_chat_template: bool = True,
+    max_prompt_length: int | None = None,
 ) -> list[str]:
     """One response text per (prompt, seed), special tokens removed (see `sample_token_ids`)."""
-    ids = sample_token_ids(model, tokenizer, prompts, seeds, max_new_tokens, temperature, top_p, use_chat_template)
+    ids = sample_token_ids(
+        model, tokenizer, prompts, seeds, max_new_tokens, temperature, top_p, use_chat_template, max_prompt_length
+    )
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 

@@ -228,6 +228,7 @@ def embed_prompts(texts: list[str], cfg: BreadthConfig) -> np.ndarray:
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
         udf_modifying_row_count=False,
     )

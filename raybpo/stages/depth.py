@@ -347,6 +347,7 @@ def compute_features(pairs: pa.Table, reference: str, cfg: Config, warmup: bytes
         batch_format="pyarrow",
         batch_size=per_block,
         compute=ray.data.ActorPoolStrategy(size=depth.concurrency),
+        num_cpus=depth.num_cpus,
         num_gpus=depth.num_gpus,
         udf_modifying_row_count=False,
     )

@@ -75,6 +75,7 @@ class HfGenerator:
             self.cfg.temperature,
             self.cfg.top_p,
             self.policy.use_chat_template,
+            self.cfg.max_prompt_length,
         )
         return pa.table(
             {
@@ -187,6 +188,7 @@ def run_generate(cfg: Config) -> StageResult:
                 batch_format="pyarrow",
                 batch_size=max(1, cfg.generate.batch_size // cfg.generate.n),
                 compute=ray.data.ActorPoolStrategy(size=cfg.generate.concurrency),
+                num_cpus=cfg.generate.num_cpus,
                 num_gpus=cfg.generate.num_gpus,
             )
         pairs = pads.dataset(run_dir.path("ingest", "pairs"), filesystem=run_dir.fs).to_table(

@@ -200,6 +200,7 @@ def run_train(cfg: Config, stage: str = STAGE, selection: str | None = None) -> 
             cfg.train.max_prompt_length,
             cfg.train.eval_fraction,
             reference=cfg.train.precompute_ref_logps,
+            num_cpus=cfg.train.cpus_per_worker,
         )
         factory = functools.partial(
             make_dpo_recipe,

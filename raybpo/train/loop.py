@@ -199,6 +199,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, list]:
     ctx = ray.train.get_context()
     loop_cfg = LoopConfig.model_validate(config["loop"])
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(loop_cfg.cpus_per_worker)  # the CPUs this worker reserved
     workers = Workers(ctx.get_world_rank(), ctx.get_world_size(), device)
     seed = config["seed"]
     torch.manual_seed(seed + workers.rank)
@@ -370,7 +372,11 @@ def fit(
             "seed": seed,
             "tensorboard_dir": tensorboard_dir,
         },
-        scaling_config=ScalingConfig(num_workers=loop_cfg.num_workers, use_gpu=loop_cfg.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=loop_cfg.num_workers,
+            use_gpu=loop_cfg.use_gpu,
+            resources_per_worker={"CPU": loop_cfg.cpus_per_worker, **({"GPU": 1} if loop_cfg.use_gpu else {})},
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage,

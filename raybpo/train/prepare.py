@@ -145,7 +145,7 @@ def prepare(
     eval_fraction: float,
     reference: bool,
     examples: bool = False,
-    concurrency: int = 1,
+    num_cpus: float = 1.0,
 ) -> dict[str, int]:
     """Encode the pairs at `pairs_uri` into `out_dir` (below the run dir); returns row counts."""
     encoder = functools.partial(
@@ -165,7 +165,8 @@ def prepare(
             fn_constructor_kwargs=encoder.keywords,
             batch_format="pyarrow",
             batch_size=256,
-            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=num_cpus,
         )
         .materialize()
     )

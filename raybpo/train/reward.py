@@ -16,6 +16,7 @@ model is a Hugging Face sequence-classification folder: `<run_dir>/reward/model/
 from __future__ import annotations
 
 import functools
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,11 @@ def read_pairs(run_dir: RunDir, sources: list[str] | None = None) -> dict[str, l
     return columns
 
 
+def judge_half(pair_id: str) -> int:
+    """0 or 1, a stable half of the pair ids independent of the eval split: `reward.judge_model`'s two halves."""
+    return hashlib.sha256(f"judge:{pair_id}".encode()).digest()[0] % 2
+
+
 def resample(rows: list[int], size: int, rng: np.random.Generator) -> list[int]:
     """`size` rows: a shuffled truncation, or whole shuffled passes plus a shuffled part (up-sampling)."""
     out: list[int] = []
@@ -62,16 +68,16 @@ def resample(rows: list[int], size: int, rng: np.random.Generator) -> list[int]:
 class RewardRecipe(Recipe):
     """Bradley-Terry over multi-source micro-batches; MORE weights or the plain mean."""
 
-    def __init__(self, pairs: dict[str, list], model: str, cfg: RewardConfig, mode: str):
+    def __init__(self, pairs: dict[str, list], model: str, cfg: RewardConfig, mode: str, half: int | None = None):
         self.pairs, self.model_name, self.cfg, self.mode = pairs, model, cfg, mode
         split = [split_of(pair_id, cfg.eval_fraction) for pair_id in pairs["pair_id"]]
+        trains = [
+            part == "train" and (half is None or judge_half(pair_id) == half)
+            for pair_id, part in zip(pairs["pair_id"], split, strict=True)
+        ]
         self.sources = sorted(set(pairs["source"]))
         self.by_source = {
-            s: [
-                i
-                for i, (src, part) in enumerate(zip(pairs["source"], split, strict=True))
-                if src == s and part == "train"
-            ]
+            s: [i for i, (src, train) in enumerate(zip(pairs["source"], trains, strict=True)) if src == s and train]
             for s in self.sources
         }
         empty = [s for s, rows in self.by_source.items() if not rows]
@@ -156,9 +162,11 @@ class RewardRecipe(Recipe):
             self.weighting.load_state_dict(state["more"])
 
 
-def make_reward_recipe(run_dir: str, model: str, reward: dict, mode: str, sources: list[str]) -> RewardRecipe:
+def make_reward_recipe(
+    run_dir: str, model: str, reward: dict, mode: str, sources: list[str], half: int | None = None
+) -> RewardRecipe:
     """Built inside each Ray Train worker: reads the ingested pairs of `run_dir`."""
-    return RewardRecipe(read_pairs(RunDir(run_dir), sources), model, RewardConfig.model_validate(reward), mode)
+    return RewardRecipe(read_pairs(RunDir(run_dir), sources), model, RewardConfig.model_validate(reward), mode, half)
 
 
 def backbone(cfg: Config, run_dir: RunDir) -> str:
@@ -169,8 +177,11 @@ def backbone(cfg: Config, run_dir: RunDir) -> str:
     return cfg.reward.model
 
 
-def train_reward_model(cfg: Config, run_dir: RunDir, mode: str, sources: list[str], out: Path, name: str) -> dict:
-    """Train one reward model on `sources` into the local folder `out`; returns its metric history."""
+def train_reward_model(
+    cfg: Config, run_dir: RunDir, mode: str, sources: list[str], out: Path, name: str, half: int | None = None
+) -> dict:
+    """Train one reward model on `sources` (one `judge_half` of their pairs, or all) into the local folder `out`;
+    returns its metric history."""
     micro = cfg.reward.pairs_per_source_per_batch * len(sources)
     if cfg.reward.batch_size % (micro * cfg.reward.num_workers):
         raise ValueError(
@@ -179,7 +190,7 @@ def train_reward_model(cfg: Config, run_dir: RunDir, mode: str, sources: list[st
         )
     reward = cfg.reward.model_copy(update={"micro_batch_size": micro})
     factory = functools.partial(
-        make_reward_recipe, cfg.run_dir, backbone(cfg, run_dir), reward.model_dump(mode="json"), mode, sources
+        make_reward_recipe, cfg.run_dir, backbone(cfg, run_dir), reward.model_dump(mode="json"), mode, sources, half
     )
     # The held-out pairs are the evaluation's test set, so no checkpoint is chosen on them: the last is kept.
     result = fit(name, factory, reward, cfg.seed, run_dir.uri_of("checkpoints"), has_eval=False)
@@ -207,7 +218,13 @@ def run_reward(cfg: Config) -> StageResult:
         identity = checkpoint_name(STAGE, cfg.section_hash("reward"), inputs)
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp)
-            if mode in ("more", "multitask"):
+            if mode in ("more", "multitask") and cfg.reward.judge_model:
+                runs = {
+                    name: train_reward_model(cfg, run_dir, mode, sources, tmp_path / name, f"{identity}-{name}", half)
+                    for half, name in enumerate(("model", "judge"))
+                }
+                members = {name: [tmp_path / name] for name in runs}
+            elif mode in ("more", "multitask"):
                 runs = {"model": train_reward_model(cfg, run_dir, mode, sources, tmp_path / "model", identity)}
                 members = {"model": [tmp_path / "model"]}
             else:
@@ -231,7 +248,7 @@ def run_reward(cfg: Config) -> StageResult:
             }
             if mode == "more":
                 plot_lambda(lambdas["model"], report / "lambda.png")
-            for name, folder in (("model", "model"), ("models", "models"), ("report", "report")):
+            for name, folder in (("model", "model"), ("judge", "judge"), ("models", "models"), ("report", "report")):
                 if (tmp_path / folder).exists():
                     run_dir.upload_dir(tmp_path / folder, STAGE, name)
             for metrics_file in tmp_path.rglob("*.metrics.jsonl"):
@@ -248,6 +265,7 @@ def run_reward(cfg: Config) -> StageResult:
                 "evaluation": summary(evaluation),
                 "outputs": {
                     **({"model": "model/"} if mode in ("more", "multitask") else {"models": "models/"}),
+                    **({"judge": "judge/"} if "judge" in runs else {}),
                     "report": "report/reward.md",
                 },
             },
