@@ -10,8 +10,9 @@ import pytest
 
 from raybpo.cli import main
 from raybpo.config import Config, SourceSpec, load_config
+from raybpo.data.export import export_trl
 from raybpo.data.readers import read_hh, read_trl
-from raybpo.data.schema import Reason
+from raybpo.data.schema import Reason, make_pair_id, prompt_messages
 from raybpo.stages.ingest import IngestError, ingest, resolve_source
 
 GOOD = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad answer {i}."} for i in range(12)]
@@ -70,6 +71,16 @@ def test_real_hh_rows_reconcile_and_rerun_skips(ray_session, tmp_path, hh_path, 
     row = pairs.filter(pa.compute.equal(pairs["prompt"], first["prompt"])).to_pylist()
     assert [(r["chosen"], r["rejected"]) for r in row] == [(first["chosen"], first["rejected"])]
     assert json.loads(row[0]["meta"])["origin"] == f"{hh_path}:1"
+    assert (m["rows_out"], m["quarantine_reasons"]) == (2308, {"empty_response": 4})
+    chat = [prompt_messages(p) is not None for p in pairs["prompt"].to_pylist()]
+    assert (chat.count(True), chat.count(False)) == (2304, 4)
+
+    exported = tmp_path / "hh.trl.jsonl"
+    assert export_trl(f"{cfg.run_dir}/ingest/pairs", str(exported)) == pairs.num_rows
+    source = "hh-rlhf-harmless-base-test"
+    back = [read_trl(json.loads(line)) for line in exported.read_text().splitlines()]
+    back_ids = [make_pair_id(source, b["prompt"], b["chosen"], b["rejected"]) for b in back]
+    assert sorted(back_ids) == sorted(pairs["pair_id"].to_pylist())
 
     again = ingest(cfg)
     assert again.skipped and again.manifest == m

@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from raybpo.config import JudgeConfig
+from raybpo.data.schema import canonical_prompt
 from raybpo.scoring import JudgeClient, Judgement, parse_score
 from raybpo.scoring.judge import RateLimiter, _parse_retry_after
 
@@ -271,6 +272,14 @@ def test_request_format(server, monkeypatch):
     assert "Prompt:\nWhat is 2+2?" in request["body"]["messages"][0]["content"]
     assert request["headers"]["Content-Type"] == "application/json"
     assert request["headers"]["Authorization"] == f"Bearer {SECRET}"
+
+
+def test_chat_prompts_reach_the_judge_as_the_hh_transcript(server):
+    client = _client(server.url)
+    chat = canonical_prompt([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Why?"}])
+    assert client.score_many([(chat, "4 [good:9]")]) == [Judgement(9.0, None, 1)]
+    content = server.state.requests[0]["body"]["messages"][0]["content"]
+    assert "Prompt:\n\n\nHuman: What is 2+2?\n\nAssistant: Why?\n\nAssistant:\n\nResponse:\n4 [good:9]" in content
 
 
 def test_timeouts_are_retried_then_quarantined(server):

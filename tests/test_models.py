@@ -1,11 +1,14 @@
 """Tiny model and tokenizer, tokenisation edge cases, batched log-probs, length bucketing."""
 
+import json
+
 import pytest
 import torch
 
 from raybpo.config import TinyModelConfig
 from raybpo.data.benchmark import TOPICS
-from raybpo.data.schema import canonical_prompt
+from raybpo.data.readers import ParsedPair, read_hh, split_hh
+from raybpo.data.schema import canonical_prompt, plain_response, prompt_messages
 from raybpo.models.generation import sample_seed, sample_seeded, sample_token_ids
 from raybpo.models.loading import ModelNotFoundError, gguf_path, load_causal_lm, resolve_model_path
 from raybpo.models.logps import collate, collate_pairs, length_bucketed_batches, pair_logps, sequence_logps
@@ -13,6 +16,10 @@ from raybpo.models.tiny import build_tiny_model
 from raybpo.models.tokenize import TokenizationError, encode_example, encode_pair, encode_prompt, render_prompt
 
 TEXTS = [f"Describe the {t}. The {t} is {' '.join(facts)}." for t, facts in TOPICS.items()] * 4
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 TINY = TinyModelConfig(vocab_size=640, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
 
 
@@ -70,17 +77,68 @@ def test_chat_template_is_applied_to_text_and_chat_prompts(tiny):
         {"role": "user", "content": "?"},
     ]
     assert render_prompt(tokenizer, "Describe the cat.") == "Describe the cat."  # the tiny model has no template
-    assert render_prompt(tokenizer, canonical_prompt(messages)) == "user: Hi\nassistant: Hey\nuser: ?\nassistant:"
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    assert (
+        render_prompt(tokenizer, canonical_prompt(messages))
+        == "\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: ?\n\nAssistant:"
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
     try:
         assert render_prompt(tokenizer, "Describe the cat.") == "<|user|>Describe the cat.<|assistant|>"
         assert render_prompt(tokenizer, canonical_prompt(messages)).endswith("<|user|>?<|assistant|>")
         assert render_prompt(tokenizer, "Describe the cat.", use_chat_template=False) == "Describe the cat."
     finally:
         tokenizer.chat_template = None
+
+
+def _hh_forms(hh_lines: list[str], n: int) -> list[tuple[tuple[str, str, str], ParsedPair]]:
+    """(text form, chat form) of the first `n` real HH rows that take the chat form."""
+    rows = [json.loads(line) for line in hh_lines]
+    forms = [(split_hh(r["chosen"], r["rejected"]), read_hh(r)) for r in rows]
+    return [(text, chat) for text, chat in forms if prompt_messages(chat["prompt"]) is not None][:n]
+
+
+def test_base_model_sees_the_same_tokens_for_both_hh_forms(tiny, hh_lines):
+    _, tokenizer = tiny
+    limits = {"max_length": 256, "max_prompt_length": 128}  # long rows are cut, the same way in both forms
+    for (prompt, chosen, rejected), chat in _hh_forms(hh_lines, 100):
+        assert chat["chosen"] == chosen[1:]
+        as_text = encode_pair(tokenizer, prompt, chosen, rejected, **limits)
+        as_chat = encode_pair(tokenizer, chat["prompt"], chat["chosen"], chat["rejected"], **limits)
+        assert as_chat == as_text
+        example = encode_example(tokenizer, chat["prompt"], chat["chosen"], **limits)
+        assert example == encode_example(tokenizer, prompt, chosen, **limits)
+        plain = encode_pair(
+            tokenizer, chat["prompt"], chat["chosen"], chat["rejected"], use_chat_template=False, **limits
+        )
+        assert plain == as_text
+
+
+def test_instruct_tokenizer_sees_hh_rows_as_chat_turns(tiny, hh_lines):
+    _, tokenizer = tiny
+    ((prompt, chosen, _), chat), *_ = _hh_forms(hh_lines, 1)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    try:
+        rendered = render_prompt(tokenizer, chat["prompt"])
+        turns = [f"<|{m['role']}|>{m['content']}" for m in prompt_messages(chat["prompt"])]
+        assert rendered == "".join(turns) + "<|assistant|>"
+        assert rendered.startswith("<|user|>what are some pranks with a pen i can do?<|assistant|>")
+        assert "Human:" not in rendered
+        _, response_ids = encode_example(tokenizer, chat["prompt"], chat["chosen"], 4096, 2048)
+        assert tokenizer.decode(response_ids, skip_special_tokens=True) == chosen[1:]  # no leading space
+        # use_chat_template=False: the base-model rendering even though the tokenizer has a template
+        assert render_prompt(tokenizer, chat["prompt"], use_chat_template=False) == prompt
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_samples_after_a_plain_chat_prompt_drop_the_leading_space(tiny):
+    model, tokenizer = tiny
+    chat = canonical_prompt([{"role": "user", "content": "Describe the cat."}])
+    text = "\n\nHuman: Describe the cat.\n\nAssistant:"
+    (as_text,) = sample_seeded(model, tokenizer, [text], [0], max_new_tokens=6)
+    (as_chat,) = sample_seeded(model, tokenizer, [chat], [0], max_new_tokens=6)
+    assert as_text.startswith(" ") and as_chat == as_text[1:]  # seed 0 starts with a space
+    assert plain_response(chat, as_chat) == as_text
 
 
 def test_concatenated_forward_equals_one_sequence_at_a_time(tiny):

@@ -16,7 +16,7 @@ from raybpo.data.readers import (
     read_ultrafeedback,
     validate_pair,
 )
-from raybpo.data.schema import BadRow, Reason, prompt_messages
+from raybpo.data.schema import BadRow, Reason, plain_prompt, plain_response, prompt_messages
 from raybpo.stages.ingest import RECORD_SCHEMA, parse_records
 
 HH = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}
@@ -28,8 +28,14 @@ def test_hh_splits_at_the_last_assistant_turn_and_keeps_the_dialogue():
         "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: bad",
     }
     pair = read_hh(row)
-    assert pair["prompt"] == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
-    assert (pair["chosen"], pair["rejected"]) == (" good", " bad")
+    assert prompt_messages(pair["prompt"]) == [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    assert (pair["chosen"], pair["rejected"]) == ("good", "bad")
+    assert plain_prompt(pair["prompt"]) == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
+    assert plain_response(pair["prompt"], pair["chosen"]) == " good"
 
 
 def test_hh_marker_inside_a_response_is_not_a_split_point():
@@ -38,25 +44,58 @@ def test_hh_marker_inside_a_response_is_not_a_split_point():
         "rejected": "\n\nHuman: q\n\nAssistant: other",
     }
     pair = read_hh(row)
-    assert pair["prompt"] == "\n\nHuman: q\n\nAssistant:"
-    assert pair["chosen"] == " one\n\nAssistant: two"
+    assert prompt_messages(pair["prompt"]) == [{"role": "user", "content": "q"}]
+    assert pair["chosen"] == "one\n\nAssistant: two"
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "\n\nHuman:  two spaces\n\nAssistant:",  # stripped content would not render back
+        "\n\nHuman: a \n\nAssistant:",
+        "\n\nHuman:no space\n\nAssistant:",
+        "\n\nAssistant: hi\n\nHuman: a\n\nAssistant:",  # does not start with a Human turn
+        "Preamble\n\nHuman: a\n\nAssistant:",
+    ],
+)
+def test_hh_keeps_text_when_the_chat_form_would_not_render_back(prompt):
+    pair = read_hh({"chosen": prompt + " good", "rejected": prompt + " bad"})
+    assert (pair["prompt"], pair["chosen"], pair["rejected"]) == (prompt, " good", " bad")
+
+
+def test_hh_keeps_text_when_a_response_lacks_its_leading_space():
+    pair = read_hh({"chosen": "\n\nHuman: a\n\nAssistant:good", "rejected": "\n\nHuman: a\n\nAssistant: bad"})
+    assert (pair["prompt"], pair["chosen"], pair["rejected"]) == ("\n\nHuman: a\n\nAssistant:", "good", " bad")
 
 
 def test_hh_real_rows_split_by_hand(hh_lines):
     first = read_hh(json.loads(hh_lines[0]))
-    assert first["prompt"].startswith("\n\nHuman: what are some pranks with a pen i can do?")
-    assert first["prompt"].endswith("\n\nHuman: okay some of these do not have anything to do with pens\n\nAssistant:")
+    messages = prompt_messages(first["prompt"])
+    assert messages[0] == {"role": "user", "content": "what are some pranks with a pen i can do?"}
+    assert messages[-1] == {"role": "user", "content": "okay some of these do not have anything to do with pens"}
+    assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2) + ["user"]
     assert first["chosen"] == (
-        " No, sorry!  All of these involve a pen, the point is that you can get funny results"
-        " by doing pranks with pens."
+        "No, sorry!  All of these involve a pen, the point is that you can get funny results by doing pranks with pens."
     )
-    assert first["rejected"].startswith(" There are lots of funny things you can do with pens")
+    assert first["rejected"].startswith("There are lots of funny things you can do with pens")
     second = read_hh(json.loads(hh_lines[1]))
-    assert second["prompt"].count("\n\nHuman:") == 3
+    assert [m["role"] for m in prompt_messages(second["prompt"])].count("user") == 3
     assert second["rejected"] == (
-        " I’m glad that you’re enjoying your alcohol intake. Can I ask about how you feel when you don’t drink alcohol?"
+        "I’m glad that you’re enjoying your alcohol intake. Can I ask about how you feel when you don’t drink alcohol?"
     )
     assert detect_format([json.loads(line) for line in hh_lines[:20]]) == "hh"
+
+
+def test_hh_real_rows_render_back_exactly_and_mostly_as_chat(hh_lines):
+    forms = {"chat": 0, "text": 0}
+    for line in hh_lines:
+        row = json.loads(line)
+        pair = read_hh(row)
+        forms["text" if prompt_messages(pair["prompt"]) is None else "chat"] += 1
+        prompt = plain_prompt(pair["prompt"])
+        assert prompt + plain_response(pair["prompt"], pair["chosen"]) == row["chosen"]
+        assert prompt + plain_response(pair["prompt"], pair["rejected"]) == row["rejected"]
+    assert forms == {"chat": 2308, "text": 4}
 
 
 def test_trl_standard_explicit_and_implicit():
@@ -182,7 +221,7 @@ def test_invalid_utf8_and_empty_prompt_are_quarantined():
 
 def test_good_rows_become_pairs_with_origin():
     out = parse_records(_records([json.dumps(HH).encode()]), {"s": SourceSpec(path="f.jsonl")}, 400).to_pylist()[0]
-    assert out["reason"] == "" and out["raw"] is None and out["chosen"] == " Hello!"
+    assert out["reason"] == "" and out["raw"] is None and out["chosen"] == "Hello!"
     assert json.loads(out["meta"]) == {"origin": "f.jsonl:1"}
 
 

@@ -1,4 +1,13 @@
-from raybpo.data.schema import canonical_prompt, make_pair_id, prompt_messages
+from raybpo.data.schema import (
+    canonical_prompt,
+    chat_transcript,
+    make_pair_id,
+    plain_prompt,
+    plain_response,
+    prompt_messages,
+    stored_response,
+)
+from raybpo.models.reward import reward_text
 
 
 def test_pair_id_is_stable_and_content_addressed():
@@ -26,3 +35,24 @@ def test_chat_prompts_round_trip():
     stored = canonical_prompt(messages)
     assert prompt_messages(stored) == messages
     assert prompt_messages("[not json") is None and prompt_messages("plain text") is None
+
+
+def test_chat_prompts_render_as_one_hh_transcript():
+    chat = canonical_prompt(
+        [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hey"},
+        ]
+    )
+    assert chat_transcript(prompt_messages(chat)) == "\n\nSystem: Be kind.\n\nHuman: Hi\n\nAssistant: Hey\n\nAssistant:"
+    assert plain_prompt(chat) == chat_transcript(prompt_messages(chat))
+    assert plain_response(chat, "Hello!") == " Hello!" and stored_response(chat, " Hello!") == "Hello!"
+    assert stored_response(chat, "\nHello!") == "\nHello!"
+    assert (plain_prompt("Hi"), plain_response("Hi", " x"), stored_response("Hi", " x")) == ("Hi", " x", " x")
+
+
+def test_reward_models_read_chat_prompts_as_the_transcript():
+    chat = canonical_prompt([{"role": "user", "content": "Hi"}])
+    assert reward_text(chat, "Hello!") == "\n\nHuman: Hi\n\nAssistant: Hello!"
+    assert reward_text("Hi", "Hello!") == "Hi\nHello!"

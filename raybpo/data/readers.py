@@ -8,6 +8,7 @@ One-line examples of each format:
 
     hh             {"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!",
                     "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Go away."}
+                   -> prompt [{"role": "user", "content": "Hi"}], chosen "Hello!", rejected "Go away."
     trl            {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}   (or chat messages, or no prompt)
     pku            {"prompt": "Hi", "response_0": "Hello!", "response_1": "Go away.", "better_response_id": 0}
     ultrafeedback  {"prompt": "Hi", "chosen": [{"role": "user", ...}, {"role": "assistant", ...}], "rejected": [...],
@@ -20,13 +21,25 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypedDict
 
 from raybpo.config import SourceSpec
-from raybpo.data.schema import BadRow, Reason, canonical_prompt
+from raybpo.data.schema import (
+    HH_ASSISTANT,
+    HH_HUMAN,
+    SPEAKERS,
+    BadRow,
+    Reason,
+    canonical_prompt,
+    plain_prompt,
+    plain_response,
+    stored_response,
+)
 
-HH_ASSISTANT = "\n\nAssistant:"
+HH_TURN = re.compile(f"({re.escape(HH_HUMAN)}|{re.escape(HH_ASSISTANT)})")
+HH_ROLES = {marker: role for role, marker in SPEAKERS.items()}
 
 
 class ParsedPair(TypedDict):
@@ -118,9 +131,33 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:end], chosen[end:], rejected[end:]
 
 
+def hh_conversation(prompt: str, chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """The chat form of a split HH row (see `read_hh`), or None when it does not render back exactly."""
+    pieces = HH_TURN.split(prompt[: -len(HH_ASSISTANT)])
+    if pieces[0] or len(pieces) < 3 or pieces[1] != HH_HUMAN:
+        return None
+    messages = [{"role": HH_ROLES[m], "content": c.strip()} for m, c in zip(pieces[1::2], pieces[2::2], strict=True)]
+    chat = canonical_prompt(messages)
+    responses = [stored_response(chat, r) for r in (chosen, rejected)]
+    if plain_prompt(chat) != prompt or [plain_response(chat, r) for r in responses] != [chosen, rejected]:
+        return None
+    return chat, *responses
+
+
 def read_hh(row: Mapping[str, Any]) -> ParsedPair:
-    """Anthropic HH-RLHF: `chosen` and `rejected` full transcripts sharing the dialogue."""
-    prompt, chosen, rejected = split_hh(_text(row, "chosen"), _text(row, "rejected"))
+    """Anthropic HH-RLHF: `chosen` and `rejected` full transcripts sharing the dialogue (`split_hh`).
+
+    The prompt becomes a chat conversation, as in TRL's HH scripts: each "\\n\\nHuman:" / "\\n\\nAssistant:"
+    turn a user / assistant message with its content stripped; the final empty "\\n\\nAssistant:" is the
+    generation prompt, not a message; each response loses its one leading space. That chat form is kept
+    only when rendering it back (`plain_prompt`, `plain_response`: the HH transcript, the response after
+    one space) reproduces the prompt and both responses byte for byte; otherwise, or when the dialogue
+    does not start with "\\n\\nHuman:", the row keeps the transcript text. Either way a base model sees
+    the same tokens. (Of the 2,312 rows of harmless-base test, 2,308 take the chat form; the 4 with two
+    assistant turns in a row, whose content starts with two spaces, stay text.)
+    """
+    split = split_hh(_text(row, "chosen"), _text(row, "rejected"))
+    prompt, chosen, rejected = hh_conversation(*split) or split
     return _pair(prompt, chosen, rejected, _rest(row, "chosen", "rejected"))
 
 

@@ -2,8 +2,10 @@
 
 A pair is (prompt, chosen, rejected) from a named `source`. `prompt` is plain text, or a chat
 conversation stored as the JSON text of a list of {"role", "content"} messages (`prompt_messages`
-reads it back). `pair_id` is a content hash of (source, prompt, chosen, rejected): the same pair
-gets the same id in every run and on every machine; duplicates within a source share it.
+reads it back). Wherever a chat prompt must be plain text (a model without a chat template, a reward
+model, a judge) it is rendered one way, as a HH transcript (`plain_prompt`, `plain_response`).
+`pair_id` is a content hash of (source, prompt, chosen, rejected): the same pair gets the same id in
+every run and on every machine; duplicates within a source share it.
 """
 
 from __future__ import annotations
@@ -82,6 +84,36 @@ def prompt_messages(prompt: str) -> list[dict[str, str]] | None:
     if all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
         return messages
     return None
+
+
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+SPEAKERS = {"user": HH_HUMAN, "assistant": HH_ASSISTANT}
+
+
+def _speaker(role: str) -> str:
+    return SPEAKERS.get(role, f"\n\n{role.capitalize()}:")
+
+
+def chat_transcript(messages: list[dict[str, str]]) -> str:
+    """Chat messages as a HH transcript: "\n\nHuman: {content}" / "\n\nAssistant: {content}" turns (another
+    role as "\n\n{Role}: {content}"), ending with the "\n\nAssistant:" that the response follows."""
+    return "".join(f"{_speaker(m['role'])} {m['content']}" for m in messages) + HH_ASSISTANT
+
+
+def plain_prompt(prompt: str) -> str:
+    """A stored prompt as plain text: text as is, a chat conversation as its `chat_transcript`."""
+    messages = prompt_messages(prompt)
+    return prompt if messages is None else chat_transcript(messages)
+
+
+def plain_response(prompt: str, response: str) -> str:
+    """A response as it follows `plain_prompt(prompt)`: after a chat transcript, with one leading space."""
+    return response if prompt_messages(prompt) is None else f" {response}"
+
+
+def stored_response(prompt: str, text: str) -> str:
+    """The inverse of `plain_response`: a text that followed a chat transcript loses its one leading space."""
+    return text[1:] if text.startswith(" ") and prompt_messages(prompt) is not None else text
 
 
 def prompt_key(prompt: str) -> str:

