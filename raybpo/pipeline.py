@@ -134,9 +134,9 @@ def run_pipeline(
 
 
 HEADLINES = {
-    "sft": ("final_metrics", "eval_loss"),
-    "train": ("final_metrics", "rewards/accuracies"),
-    "evaluate": ("final_metrics", "win_rate"),
+    "sft": ("eval_loss",),
+    "train": ("rewards/accuracies", "rewards/margins", "eval_loss"),
+    "evaluate": ("win_rate",),
 }
 
 
@@ -153,9 +153,9 @@ def headline(run: StageRun) -> str:
     if run.name == "score":
         return f"{m['pairs']} candidate pairs ({m['scorer']})"
     if run.name.split("-")[0] in HEADLINES:
-        section, key = HEADLINES[run.name.split("-")[0]]
-        value = m.get(section, {}).get(key)
-        return f"{key} {value:.3f}" if isinstance(value, float) else ""
+        final = m.get("final_metrics", {})
+        values = [(key, final.get(key)) for key in HEADLINES[run.name.split("-")[0]]]
+        return ", ".join(f"{key} {value:.3f}" for key, value in values if isinstance(value, float))
     return ""
 
 

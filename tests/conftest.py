@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,11 @@ HH_TEST = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Converted models (the bundled GGUF) go to a cache of this session, so every run converts for real; set before
+# Ray starts so its workers share it.
+if "RAYBPO_MODEL_CACHE" not in os.environ:
+    os.environ["RAYBPO_MODEL_CACHE"] = tempfile.mkdtemp(prefix="raybpo-model-cache-")
+    atexit.register(shutil.rmtree, os.environ["RAYBPO_MODEL_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
