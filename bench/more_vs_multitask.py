@@ -52,10 +52,10 @@ import torch
 
 from raybpo.cli import DEMO_PRESET
 from raybpo.config import Config, load_config
-from raybpo.evaluate import evaluate_reward_models, summary
+from raybpo.metrics.reward import evaluate_reward_models, summary
 from raybpo.rundir import RunDir
 from raybpo.stages.ingest import ingest
-from raybpo.train.reward import read_pairs, run_reward
+from raybpo.train.reward import held_out, read_pairs, run_reward
 from raybpo.train.sft import run_sft
 
 TRAINED_MODES = ("more", "multitask", "single")
@@ -113,7 +113,7 @@ def average_evaluation(cfg: Config) -> dict[str, Any]:
     run_dir = RunDir(cfg.run_dir)
     pairs = read_pairs(run_dir)
     members = [Path(run_dir.local_dir("reward", "models", s)) for s in sorted(set(pairs["source"]))]
-    return summary(evaluate_reward_models({"average": members}, pairs, cfg.reward))
+    return summary(evaluate_reward_models({"average": members}, held_out(pairs, cfg.reward.eval_fraction), cfg.reward))
 
 
 def seed_rows(

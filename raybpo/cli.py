@@ -13,7 +13,7 @@ from pathlib import Path
 
 from raybpo.config import FORMATS, STAGE_ORDER, Config, ConfigError, SourceSpec, load_config
 from raybpo.data.export import export_trl
-from raybpo.evaluate import markdown_table, run_evaluate
+from raybpo.metrics.reward import markdown_table
 from raybpo.models.loading import ModelNotFoundError
 from raybpo.models.tokenize import TokenizationError
 from raybpo.pipeline import StageRun, run_pipeline, summary_table
@@ -21,6 +21,7 @@ from raybpo.report import write_report
 from raybpo.rundir import RunDir, StageMissingError, StageResult
 from raybpo.stages.breadth import BreadthError, run_breadth
 from raybpo.stages.depth import DepthError, run_depth
+from raybpo.stages.evaluate import run_evaluate
 from raybpo.stages.generate import run_generate
 from raybpo.stages.ingest import IngestError, ingest
 from raybpo.stages.score import run_score

@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 def stage_functions() -> dict[str, Callable[[Config], StageResult]]:
     """Stage name -> the function that runs it (imported here: each stage pulls in its own dependencies)."""
-    from raybpo.evaluate import run_evaluate
     from raybpo.stages.breadth import run_breadth
     from raybpo.stages.depth import run_depth
+    from raybpo.stages.evaluate import run_evaluate
     from raybpo.stages.generate import run_generate
     from raybpo.stages.ingest import ingest
     from raybpo.stages.score import run_score

@@ -11,7 +11,7 @@ a stage: it has no manifest and is rewritten whole on every call. Contents:
 - training: `beta`, `beta/M0`, `rewards/margins` and `filter/kept_fraction` per step of `train` and of
   every variant `train-<name>` (their `metrics.jsonl`) in `training.png`, and a table of final metrics;
 - reward models: the reward stage's `report/reward.md` table and its plots (reliability, rewards, lambda);
-- evaluation: the win-rate table of `evaluate/evaluation.json` (`raybpo.evaluate.winrate_rows`: the same
+- evaluation: the win-rate table of `evaluate/evaluation.json` (`raybpo.metrics.winrates.winrate_rows`: the same
   numbers as `evaluate/winrates.md`) and `winrates.png`.
 Images are copied into `report/` and linked by relative name, so the folder can be moved and opened
 anywhere. `report.md` and `report.html` hold the same blocks; the HTML is one page with inline CSS.
@@ -29,7 +29,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from raybpo.evaluate import WINRATE_HEADER, winrate_note, winrate_rows
+from raybpo.metrics.winrates import WINRATE_HEADER, winrate_note, winrate_rows
 from raybpo.plots import png_bytes
 from raybpo.rundir import MANIFEST, RunDir
 

@@ -8,6 +8,8 @@ selection (a hand-made `depth/selections/random/`) with DPO overrides; judged by
 import hashlib
 import json
 import math
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,27 +21,16 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from raybpo import evaluate
 from raybpo.config import Config, ConfigError, TinyModelConfig, load_config
 from raybpo.data import benchmark
 from raybpo.data.schema import make_pair_id, prompt_key
-from raybpo.evaluate import (
-    BASELINE,
-    Judge,
-    compare,
-    held_out_prompts,
-    judge_setup,
-    outcome,
-    run_evaluate,
-    summarize,
-    variant_config,
-    win_rate,
-    winrate_rows,
-)
+from raybpo.metrics.winrates import BASELINE, compare, outcome, summarize, win_rate, winrate_rows
 from raybpo.models.reward import load_reward_model, reward_head
 from raybpo.models.tiny import build_tiny_model
 from raybpo.report import write_report
 from raybpo.rundir import RunDir, StageCounts, StageMissingError, run_stage
+from raybpo.stages import evaluate
+from raybpo.stages.evaluate import Judge, held_out_prompts, judge_setup, run_evaluate, variant_config
 from raybpo.stages.ingest import ingest
 from raybpo.stages.score import oracle_batch
 from raybpo.train.dpo import run_train
@@ -375,3 +366,10 @@ def test_llm_judge_failures_are_quarantined_comparisons_with_their_reason(tiny_r
     assert {(r["prompt"], r["sample"]) for r in quarantined} == expected
     summary = summarize(table, "train", 0.95)
     assert summary["scored"] + summary["quarantined"] == 12 and summary["quarantined"] == len(expected)
+
+
+def test_the_metrics_modules_import_without_ray():
+    """Reward-model metrics and win rates are plain functions: importing them starts no Ray, imports no Ray."""
+    code = "import sys, raybpo.metrics.reward, raybpo.metrics.winrates; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from raybpo.config import Config
-from raybpo.evaluate import WINRATE_HEADER, plot_winrates, winrate_markdown
+from raybpo.metrics.winrates import WINRATE_HEADER, plot_winrates, winrate_markdown
 from raybpo.report import write_report
 from raybpo.rundir import RunDir, StageCounts, run_stage
 

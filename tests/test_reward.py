@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from raybpo.config import Config, RewardConfig, SourceSpec, TinyModelConfig
-from raybpo.evaluate import score_pairs
+from raybpo.metrics.reward import score_pairs
 from raybpo.models.reward import load_reward_model, pooled_and_rewards, reward_head
 from raybpo.models.tiny import build_tiny_model
 from raybpo.rundir import RunDir

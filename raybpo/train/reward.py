@@ -10,7 +10,7 @@ Modes (docs/ALGORITHMS.md section 2):
 - `average`: the single models, evaluated as one ensemble (the mean of their rewards).
 Each source is resampled (seeded; truncated or up-sampled) to `samples_per_source` pairs. The trained
 model is a Hugging Face sequence-classification folder: `<run_dir>/reward/model/` (or
-`models/<source>/` for single and average). Evaluation per source follows in `raybpo.evaluate`.
+`models/<source>/` for single and average). Evaluation per source follows in `raybpo.metrics.reward`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from torch import nn
 
 from raybpo.cluster import init_ray
 from raybpo.config import Config, LoopConfig, RewardConfig
-from raybpo.evaluate import evaluate_reward_models, plot_lambda, summary, write_reward_report
 from raybpo.losses import MoreWeighting, bradley_terry_head_grads, bradley_terry_loss
+from raybpo.metrics.reward import evaluate_reward_models, plot_lambda, summary, write_reward_report
 from raybpo.models.reward import encode_texts, load_reward_model, pooled_and_rewards, reward_head
 from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
 from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl, unwrap
@@ -50,6 +50,12 @@ def read_pairs(run_dir: RunDir, sources: list[str] | None = None) -> dict[str, l
         keep = [i for i, s in enumerate(columns["source"]) if s in sources]
         columns = {k: [v[i] for i in keep] for k, v in columns.items()}
     return columns
+
+
+def held_out(pairs: dict[str, list], eval_fraction: float) -> dict[str, list]:
+    """The pairs of the `eval` split (a stable function of pair_id), the ones the reward models are evaluated on."""
+    rows = [i for i, pair_id in enumerate(pairs["pair_id"]) if split_of(pair_id, eval_fraction) == "eval"]
+    return {k: [v[i] for i in rows] for k, v in pairs.items()}
 
 
 def judge_half(pair_id: str) -> int:
@@ -240,7 +246,7 @@ def run_reward(cfg: Config) -> StageResult:
                     if mode == "single"
                     else {"average": models}
                 )
-            evaluation = evaluate_reward_models(members, pairs, cfg.reward)
+            evaluation = evaluate_reward_models(members, held_out(pairs, cfg.reward.eval_fraction), cfg.reward)
             report = tmp_path / "report"
             write_reward_report(evaluation, report)
             lambdas = {

@@ -1,0 +1,1 @@
+"""Metrics free of Ray: reward models (`reward`) and policy win rates (`winrates`)."""

@@ -1,0 +1,361 @@
+"""The `evaluate` stage: win rates of the trained policies against the SFT policy (docs/ALGORITHMS.md 3.4).
+
+The Ray part of evaluation: sampling and judging. The win-rate maths and tables are `raybpo.metrics.winrates`
+(free of Ray); the reward models' metrics are `raybpo.metrics.reward`, called by the reward stage.
+
+Policies: the `train` stage's policy, and every variant of `evaluate.variants` (trained here as stage
+`train-<name>` on a depth selection and/or with config overrides), each against the SFT policy (the
+reference of training) on held-out prompts:
+- prompts: the benchmark's `ingest/benchmark/eval_prompts.jsonl` when the run ingested it, else the
+  distinct prompts of the ingested pairs in the `eval` split (`train.eval_fraction`) that no training-split
+  pair shares; the first `evaluate.num_prompts` of them;
+- samples: `evaluate.samples_per_prompt` per prompt and policy, sample i of a prompt drawn with the seed
+  `sample_seed(seed, prompt_key, i)` by every policy (the generate stage's `HfGenerator` in a Ray Data
+  actor pool), so each comparison is paired;
+- judge (`evaluate.judge`): `oracle` (the benchmark's ground truth, `benchmark.mean_utility`),
+  `reward_model` or `judge` (an LLM judge), the score stage's scorers, scoring every response alone;
+- outcomes, win rates and their intervals: `raybpo.metrics.winrates`; a comparison with a failed
+  judgement (either side) is quarantined with the judge's reason, not lost;
+- every win rate comes with its data budget: the training pairs and distinct prompts it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+from pydantic import ValidationError
+
+from raybpo.cluster import init_ray
+from raybpo.config import Config, ConfigError, GenerateConfig, VariantSpec, apply_overrides
+from raybpo.data import benchmark
+from raybpo.data.schema import prompt_key
+from raybpo.metrics.winrates import BASELINE, compare, plot_winrates, summarize, winrate_markdown
+from raybpo.rundir import (
+    MANIFEST,
+    RunDir,
+    StageCounts,
+    StageMissingError,
+    StageResult,
+    require_stage,
+    run_stage,
+    stage_identity,
+)
+from raybpo.stages.generate import HfGenerator
+from raybpo.stages.score import SCORED, JudgeScorer, RewardModelScorer, oracle_batch, scorer_model
+from raybpo.train.dpo import reference_model, run_train
+from raybpo.train.prepare import split_of
+
+STAGE = "evaluate"
+MAIN = "train"
+
+
+def variant_config(cfg: Config, name: str, spec: VariantSpec) -> Config:
+    """The run's config with a variant's overrides applied (dotted keys, validated like the command line)."""
+    overrides = [f"{key}={json.dumps(value)}" for key, value in spec.overrides.items()]
+    where = f"evaluate.variants.{name}.overrides"
+    try:
+        return Config.model_validate(apply_overrides(cfg.model_dump(mode="json"), overrides))
+    except ValidationError as err:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"{where}: {detail}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def held_out_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[str], str]:
+    """The prompts to evaluate on (see the module docstring) and where they come from; at most `num_prompts`."""
+    require_stage(run_dir, "ingest")
+    relpath = f"ingest/benchmark/{benchmark.EVAL_PROMPTS}"
+    if run_dir.exists(relpath):
+        lines = run_dir.read_bytes(relpath).decode().splitlines()
+        prompts, source = [json.loads(line)["prompt"] for line in lines if line.strip()], relpath
+    else:
+        table = pads.dataset(run_dir.path("ingest", "pairs"), filesystem=run_dir.fs).to_table(
+            columns=["pair_id", "prompt"]
+        )
+        split = {"train": set(), "eval": set()}
+        by_key: dict[str, str] = {}
+        for pair_id, prompt in zip(table["pair_id"].to_pylist(), table["prompt"].to_pylist(), strict=True):
+            key = prompt_key(prompt)
+            split[split_of(pair_id, cfg.train.eval_fraction)].add(key)
+            by_key.setdefault(key, prompt)
+        prompts = [by_key[k] for k in sorted(split["eval"] - split["train"])]
+        source = f"ingest/pairs, eval split (train.eval_fraction={cfg.train.eval_fraction:g}) without training prompts"
+    distinct: dict[str, str] = {}
+    for prompt in prompts:
+        distinct.setdefault(prompt_key(prompt), prompt)
+    prompts = list(distinct.values())
+    if not prompts:
+        raise ConfigError(f"no held-out prompts in {source}: raise train.eval_fraction above 0 and rerun train")
+    return prompts[: cfg.evaluate.num_prompts], source
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A trained policy under evaluation: its stage (`train` or `train-<variant>`), model and manifest."""
+
+    stage: str
+    variant: str | None
+    model: str
+    manifest: dict[str, Any]
+
+
+def trained_policy(run_dir: RunDir, stage: str, variant: str | None = None) -> Policy:
+    """The merged policy a finished train stage wrote (a clear error when it wrote none)."""
+    manifest = require_stage(run_dir, stage)
+    if not run_dir.exists(stage, "policy", "merged"):
+        raise StageMissingError(
+            f"{run_dir.uri_of(stage)} has no merged policy (policy/merged/): rerun it with train.merge=true"
+        )
+    return Policy(stage, variant, run_dir.local_dir(stage, "policy", "merged"), manifest)
+
+
+def _input_parts(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """A train stage's input pairs folder, relative to the run dir (the manifest holds its full path)."""
+    parts = manifest["pairs"]["input"].rstrip("/").split("/")
+    return tuple(parts[-3:]) if parts[-3:-1] == ["depth", "selections"] else tuple(parts[-2:])
+
+
+def trained_selection(manifest: dict[str, Any]) -> str:
+    """Which pairs a train stage used: `ingested` (all of them) or the depth stage's selection (bpo, random, ...)."""
+    parts = _input_parts(manifest)
+    return "ingested" if parts == ("ingest", "pairs") else parts[-1]
+
+
+def data_budget(run_dir: RunDir, stage: str) -> tuple[int, int]:
+    """(pairs, distinct prompts) a train stage trained on: its prepared training-split pairs that fit."""
+    prepared = pads.dataset(run_dir.path(stage, "prepared"), filesystem=run_dir.fs).to_table(
+        columns=["pair_id", "split", "reason"]
+    )
+    used = prepared.filter(pc.and_(pc.equal(prepared["split"], "train"), pc.equal(prepared["reason"], "")))
+    ids = set(used["pair_id"].to_pylist())
+    inputs = run_dir.path(*_input_parts(run_dir.read_json(f"{stage}/{MANIFEST}")))
+    pairs = pads.dataset(inputs, filesystem=run_dir.fs).to_table(columns=["pair_id", "prompt"])
+    prompts = {
+        prompt_key(p)
+        for i, p in zip(pairs["pair_id"].to_pylist(), pairs["prompt"].to_pylist(), strict=True)
+        if i in ids
+    }
+    return len(ids), len(prompts)
+
+
+def loss_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """loss, alpha, rho, beta0 of a train stage, and a label: `beta-DPO (alpha=.., rho=.., beta0=..)` or `DPO (..)`."""
+    train = manifest["config"]["train"]
+    settings = {k: train[k] for k in ("loss", "alpha", "rho", "beta0")}
+    loss, beta0 = train["loss"].upper(), f"beta0={train['beta0']:g}"
+    if train["alpha"] == 0 and train["rho"] == 1:
+        return {**settings, "loss_label": f"{loss} ({beta0})"}
+    return {**settings, "loss_label": f"beta-{loss} (alpha={train['alpha']:g}, rho={train['rho']:g}, {beta0})"}
+
+
+class PolicySampler:
+    """Ray Data actor: rows (policy, model, prompt, prompt_key) -> `HfGenerator`'s seeded samples of each.
+
+    One model is held at a time; the rows come in one block per policy, so an actor loads each model about once.
+    The `origin` column names the policy that wrote the response.
+    """
+
+    def __init__(self, policy: dict, generate: dict, seed: int):
+        self.args = (policy, generate, seed)
+        self.loaded: tuple[str, HfGenerator] | None = None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for name, model in dict.fromkeys(zip(batch["policy"].to_pylist(), batch["model"].to_pylist(), strict=True)):
+            if self.loaded is None or self.loaded[0] != model:
+                self.loaded = (model, HfGenerator(model, *self.args))
+            samples = self.loaded[1](batch.filter(pc.equal(batch["policy"], name)))
+            index = samples.schema.get_field_index("origin")
+            out.append(samples.set_column(index, "origin", pa.array([name] * samples.num_rows, pa.string())))
+        return pa.concat_tables(out)
+
+
+def sampling_config(cfg: Config) -> GenerateConfig:
+    """The generate stage's settings for evaluation samples, from `evaluate`."""
+    e = cfg.evaluate
+    return GenerateConfig(
+        n=e.samples_per_prompt,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        max_new_tokens=e.max_new_tokens,
+        max_prompt_length=e.max_prompt_length,
+        batch_size=e.batch_size,
+        concurrency=e.concurrency,
+        num_cpus=e.num_cpus,
+        num_gpus=e.num_gpus,
+    )
+
+
+@dataclass(frozen=True)
+class Judge:
+    """A score stage scorer (an actor class, or the oracle's function when `args` is None), its identity and label."""
+
+    scorer: Any
+    args: dict[str, Any] | None
+    identity: str
+    label: str
+
+
+def judge_setup(cfg: Config, run_dir: RunDir) -> Judge:
+    """The judge `evaluate.judge` names, with what identifies it in the manifest (never an API key)."""
+    if cfg.evaluate.judge == "reward_model":
+        if cfg.evaluate.reward_model:
+            model, identity = cfg.evaluate.reward_model, f"external:{cfg.evaluate.reward_model}"
+        elif run_dir.exists("reward", "judge"):  # reward.judge_model: the half that scored no candidates
+            identity = f"{stage_identity(require_stage(run_dir, 'reward'))}#judge"
+            model = run_dir.local_dir("reward", "judge")
+        else:
+            model, manifest = scorer_model(cfg, run_dir)
+            identity = stage_identity(manifest)
+        args = {"model": model, "max_length": cfg.reward.max_length}
+        return Judge(RewardModelScorer, args, f"{identity}#max_length={cfg.reward.max_length}", f"reward model {model}")
+    if cfg.evaluate.judge == "judge":
+        judge = cfg.evaluate.llm_judge or cfg.score.judge
+        settings = judge.model_dump(mode="json")
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        return Judge(JudgeScorer, {"judge": settings}, f"judge:{digest}", f"LLM judge {judge.model} at {judge.url}")
+    identity = f"oracle:benchmark-{benchmark.GENERATOR_VERSION}"
+    return Judge(oracle_batch, None, identity, "oracle: the benchmark's ground truth")
+
+
+def judged(dataset: ray.data.Dataset, judge: Judge) -> pa.Table:
+    """Every response scored alone (SCORED rows); a failed judgement keeps a null score and its reason.
+
+    A reward model or LLM judge runs as one actor fed by the generation pipeline; the oracle, a pure
+    function of the text, scores the collected responses in the driver (no worker to start for it).
+    """
+    if judge.args is not None:
+        dataset = dataset.map_batches(
+            judge.scorer,
+            fn_constructor_kwargs=judge.args,
+            batch_format="pyarrow",
+            batch_size=256,
+            compute=ray.data.ActorPoolStrategy(size=1),
+        )
+    tables = ray.get(dataset.materialize().to_arrow_refs())
+    if judge.args is None:
+        tables = [judge.scorer(t) for t in tables if t.num_rows]
+    return pa.concat_tables([t.cast(SCORED) for t in tables]) if tables else SCORED.empty_table()
+
+
+def sample_all(cfg: Config, models: list[tuple[str, str]], prompts: list[str]) -> ray.data.Dataset:
+    """Every (policy name, model)'s `samples_per_prompt` seeded responses to every prompt: a Ray Data actor pool."""
+    keys = [prompt_key(p) for p in prompts]
+    blocks = [
+        pa.table(
+            {"policy": [name] * len(prompts), "model": [model] * len(prompts), "prompt": prompts, "prompt_key": keys}
+        )
+        for name, model in models
+    ]
+    sampling = sampling_config(cfg)
+    return ray.data.from_arrow(blocks).map_batches(
+        PolicySampler,
+        fn_constructor_kwargs={
+            "policy": cfg.policy.model_dump(mode="json"),
+            "generate": sampling.model_dump(mode="json"),
+            "seed": cfg.seed,
+        },
+        batch_format="pyarrow",
+        batch_size=max(1, sampling.batch_size // sampling.n),
+        compute=ray.data.ActorPoolStrategy(size=sampling.concurrency),
+        num_cpus=sampling.num_cpus,
+        num_gpus=sampling.num_gpus,
+    )
+
+
+def policy_result(run_dir: RunDir, policy: Policy, comparisons: pa.Table, confidence: float) -> dict[str, Any]:
+    """A policy's line of evaluation.json: what it was trained on (selection, loss, budget) and how it did."""
+    pairs, prompts = data_budget(run_dir, policy.stage)
+    return {
+        "name": policy.stage,
+        "variant": policy.variant,
+        "selection": trained_selection(policy.manifest),
+        **loss_settings(policy.manifest),
+        "pairs": pairs,
+        "prompts": prompts,
+        "model": policy.model,
+        **summarize(comparisons, policy.stage, confidence),
+    }
+
+
+def run_evaluate(cfg: Config) -> StageResult:
+    """The `evaluate` stage: train the variants (their own stages), then win rates vs SFT into `evaluate/`."""
+    run_dir = RunDir(cfg.run_dir)
+    baseline, baseline_manifest = reference_model(cfg, run_dir)
+    policies = [trained_policy(run_dir, MAIN)]
+    for name, spec in cfg.evaluate.variants.items():
+        stage = f"{MAIN}-{name}"
+        run_train(variant_config(cfg, name, spec), stage=stage, selection=spec.selection)
+        policies.append(trained_policy(run_dir, stage, name))
+    prompts, prompt_source = held_out_prompts(cfg, run_dir)
+    judge = judge_setup(cfg, run_dir)
+    inputs = {
+        "prompts": stage_identity(require_stage(run_dir, "ingest")),
+        BASELINE: stage_identity(baseline_manifest),
+        **{p.stage: stage_identity(p.manifest) for p in policies},
+        "judge": judge.identity,
+    }
+
+    def body(stage_path: str) -> StageCounts:
+        models = [(BASELINE, baseline), *((p.stage, p.model) for p in policies)]
+        responses = judged(sample_all(cfg, models, prompts), judge)
+        comparisons = compare(responses, [p.stage for p in policies], prompts, cfg.evaluate.samples_per_prompt)
+        rows = [policy_result(run_dir, p, comparisons, cfg.evaluate.confidence) for p in policies]
+        evaluation = {
+            "judge": cfg.evaluate.judge,
+            "labelled": judge.label,
+            "baseline": {"name": BASELINE, "model": baseline},
+            "eval_prompts": len(prompts),
+            "prompt_source": prompt_source,
+            "samples_per_prompt": cfg.evaluate.samples_per_prompt,
+            "confidence": cfg.evaluate.confidence,
+            "interval": "normal interval on the mean outcome (win 1, tie 0.5, loss 0), sample std, clipped to [0, 1]",
+            "policies": rows,
+        }
+        run_dir.write_json(f"{STAGE}/evaluation.json", evaluation)
+        run_dir.write_bytes(f"{STAGE}/winrates.md", winrate_markdown(evaluation).encode())
+        run_dir.write_bytes(f"{STAGE}/winrates.png", plot_winrates(evaluation))
+        pq.write_table(comparisons, run_dir.path(STAGE, "comparisons.parquet"), filesystem=run_dir.fs)
+        failed = responses.filter(pc.not_equal(responses["reason"], ""))
+        if failed.num_rows:
+            run_dir.makedirs(STAGE, "quarantine")
+            pq.write_table(failed, run_dir.path(STAGE, "quarantine", "judgements.parquet"), filesystem=run_dir.fs)
+        reasons = Counter(r for r in comparisons["reason"].to_pylist() if r)
+        main = rows[0]
+        return StageCounts(
+            rows_in=comparisons.num_rows,
+            rows_out=comparisons.num_rows - sum(reasons.values()),
+            rows_quarantined=sum(reasons.values()),
+            quarantine_reasons=dict(reasons),
+            extra={
+                "win_rate": main["win_rate"],
+                "final_metrics": {k: main[k] for k in ("win_rate", "ci_low", "ci_high") if main[k] is not None},
+                "judge": cfg.evaluate.judge,
+                "eval_prompts": len(prompts),
+                "judgements_failed": failed.num_rows,
+                "policies": {
+                    r["name"]: {k: r[k] for k in ("pairs", "prompts", "wins", "ties", "losses", "win_rate")}
+                    for r in rows
+                },
+                "outputs": {
+                    "evaluation": "evaluation.json",
+                    "table": "winrates.md",
+                    "plot": "winrates.png",
+                    "comparisons": "comparisons.parquet",
+                    **({"quarantine": "quarantine/"} if failed.num_rows else {}),
+                },
+            },
+        )
+
+    init_ray(cfg.ray)
+    return run_stage(run_dir, STAGE, cfg, ("policy", "evaluate"), inputs, body)
