@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from raybpo.config import STAGE_ORDER, Config, ConfigError
-from raybpo.rundir import MANIFEST, RunDir, StageResult
+from raybpo.rundir import MANIFEST, RunDir, StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
 
-def stage_functions() -> dict[str, Callable[[Config], StageResult]]:
+def stage_functions() -> dict[str, Callable[[Config, StageContext], StageResult]]:
     """Stage name -> the function that runs it (imported here: each stage pulls in its own dependencies)."""
     from raybpo.stages.breadth import run_breadth
     from raybpo.stages.depth import run_depth
@@ -103,8 +103,12 @@ def run_pipeline(
     from_stage: str | None = None,
     until_stage: str | None = None,
     on_stage: Callable[[int, int, StageRun], None] | None = None,
+    callbacks: Mapping[str, Sequence[Any]] | None = None,
 ) -> PipelineResult:
-    """Run the configured stages in order (see the module docstring); `on_stage` sees each as it ends."""
+    """Run the configured stages in order (see the module docstring); `on_stage` sees each as it ends.
+
+    `callbacks` maps a stage name to the Ray Train callbacks of its TorchTrainer runs (its `StageContext`).
+    """
     stages = planned_stages(cfg, from_stage, until_stage)
     run_dir = RunDir(cfg.run_dir)
     if from_stage is not None:
@@ -116,7 +120,7 @@ def run_pipeline(
     for index, name in enumerate(stages, start=1):
         log.info("[%d/%d] %s", index, len(stages), name)
         started = time.perf_counter()
-        stage = functions[name](cfg)
+        stage = functions[name](cfg, StageContext(tuple((callbacks or {}).get(name, ()))))
         run = StageRun(name, stage.manifest, stage.skipped, time.perf_counter() - started)
         result.stages.append(run)
         if on_stage is not None:

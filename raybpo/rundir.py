@@ -157,6 +157,21 @@ class StageResult:
     skipped: bool
 
 
+@dataclass(frozen=True)
+class StageContext:
+    """What a run hands every stage function besides its config: `run(cfg, ctx) -> StageResult`.
+
+    `callbacks`: Ray Train callbacks for the TorchTrainer runs the stage launches (`raybpo tune` gives the
+    train stage of a trial its `TrainToTune`, so the trial's reports reach Tune and ASHA can stop it); stages
+    without a Ray Train run ignore them. Settings never go here: they are the config, hashed in the manifest.
+    """
+
+    callbacks: tuple[Any, ...] = ()
+
+
+NO_CONTEXT = StageContext()
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in VERSIONED_PACKAGES:

@@ -22,7 +22,8 @@ Early stopping: with `tune.early_stop_metric` (default eval_loss, mode `early_st
 trials on the train stage's reports that hold that metric, the checkpoint steps where the loop evaluates, with
 the optimizer `step` as its time (`tune.grace_period` steps before a first cut, `tune.reduction_factor`). The
 reports reach Tune through Ray Train V2's `TuneReportCallback` on the TorchTrainer each trial launches (the
-documented Train-in-Tune pattern: a function trainable creating the trainer). ASHA's stop is carried out by the
+documented Train-in-Tune pattern: a function trainable creating the trainer, here through `run_pipeline(...,
+callbacks=...)`, the train stage's `StageContext` and `fit(callbacks=...)`). ASHA's stop is carried out by the
 trial: its train run ends at its next report through Ray Train's own shutdown (Tune killing the trial actor
 under a running TorchTrainer would leave the run's placement group reserved on a Ray without a dashboard), and
 the trial is recorded as early-stopped. eval_loss is the DPO loss at each trial's own beta0 and loss type: when
@@ -293,27 +294,12 @@ class TrainToTune(TuneReportCallback):
             super().after_report(run_context, metrics, checkpoint)
 
 
-@dataclass(frozen=True)
-class TrialContext:
-    board: Any
-    trial_id: str
-    metric: str | None
-
-
-_TRIAL: TrialContext | None = None  # set in a trial's process while its pipeline runs
-
-
-def trial_callbacks(name: str) -> list:
-    """The callbacks `fit` gives a TorchTrainer: `TrainToTune` for the train stage's run inside a tune trial
-    (run name `train-<hash>`), none otherwise (sft, reward, the evaluate stage's variants, or no trial)."""
-    if _TRIAL is None or name.rsplit("-", 1)[0] != TRAIN:
-        return []
-    return [TrainToTune(_TRIAL.board, _TRIAL.trial_id, _TRIAL.metric)]
-
-
 def run_trial(config: dict[str, Any], base: dict[str, Any], main_run_dir: str, cwd: str, board: Any) -> None:
-    """The Tune function trainable: one trial's tail in `<run_dir>/tune/<trial>/`, then its final report."""
-    global _TRIAL
+    """The Tune function trainable: one trial's tail in `<run_dir>/tune/<trial>/`, then its final report.
+
+    The train stage's TorchTrainer gets `TrainToTune` as a Ray Train callback, handed down explicitly
+    (`run_pipeline(callbacks=...)` -> the stage's `StageContext` -> `fit`); no other stage gets one.
+    """
     if os.path.isdir(cwd):
         os.chdir(cwd)  # Tune starts a trial in its own folder; relative paths in the config are the caller's
     context = ray.tune.get_context()
@@ -322,16 +308,14 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], main_run_dir: str, c
     cfg.run_dir = main.uri_of(TUNE, context.get_trial_name())
     kept = seed_trial(main, cfg)
     tail = [s for s in planned_stages(cfg) if s not in kept]
-    _TRIAL = TrialContext(board, context.get_trial_id(), cfg.tune.early_stop_metric)
+    callbacks = {TRAIN: [TrainToTune(board, context.get_trial_id(), cfg.tune.early_stop_metric)]}
     status = FINISHED
     try:
-        run_pipeline(cfg)
+        run_pipeline(cfg, callbacks=callbacks)
     except Exception:
         if not ray.get(board.stopped.remote(context.get_trial_id())):
             raise
         status = EARLY_STOPPED
-    finally:
-        _TRIAL = None
     metrics = final_metrics(RunDir(cfg.run_dir)) if status == FINISHED else {}
     names = {cfg.tune.metric, cfg.tune.early_stop_metric} - {None}
     # Every result holds ASHA's metric (Tune checks); without `step` ASHA leaves this one alone.

@@ -63,7 +63,16 @@ from raybpo.clustering import (
 )
 from raybpo.config import BreadthConfig, Config
 from raybpo.data.schema import prompt_key, prompt_messages
-from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
+from raybpo.rundir import (
+    NO_CONTEXT,
+    RunDir,
+    StageContext,
+    StageCounts,
+    StageResult,
+    require_stage,
+    run_stage,
+    stage_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +264,7 @@ def _stats(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def run_breadth(cfg: Config) -> StageResult:
+def run_breadth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `breadth` stage: dedup, embed, cluster and select prompts into `breadth/prompts/` (see the module doc)."""
     run_dir = RunDir(cfg.run_dir)
     ingest = require_stage(run_dir, "ingest")

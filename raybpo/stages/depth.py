@@ -74,7 +74,16 @@ from raybpo.models.logps import collate_pairs
 from raybpo.models.tokenize import TokenizationError, encode_pair
 from raybpo.plots import png_bytes
 from raybpo.projection import RademacherProjection
-from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
+from raybpo.rundir import (
+    NO_CONTEXT,
+    RunDir,
+    StageContext,
+    StageCounts,
+    StageResult,
+    require_stage,
+    run_stage,
+    stage_identity,
+)
 from raybpo.train.dpo import add_lora, reference_model
 
 log = logging.getLogger(__name__)
@@ -406,7 +415,7 @@ def _selection_table(pairs: pa.Table, kept: np.ndarray, extra: dict[str, Any]) -
     return table.filter(pa.array(kept)).sort_by([("prompt_key", "ascending"), ("pair_id", "ascending")])
 
 
-def run_depth(cfg: Config) -> StageResult:
+def run_depth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `depth` stage: gradient features, clustering, the BPO selection and its baselines (module doc)."""
     run_dir = RunDir(cfg.run_dir)
     score = require_stage(run_dir, "score")

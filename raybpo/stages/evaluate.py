@@ -41,7 +41,9 @@ from raybpo.data.schema import prompt_key
 from raybpo.metrics.winrates import BASELINE, compare, plot_winrates, summarize, winrate_markdown
 from raybpo.rundir import (
     MANIFEST,
+    NO_CONTEXT,
     RunDir,
+    StageContext,
     StageCounts,
     StageMissingError,
     StageResult,
@@ -288,7 +290,7 @@ def policy_result(run_dir: RunDir, policy: Policy, comparisons: pa.Table, confid
     }
 
 
-def run_evaluate(cfg: Config) -> StageResult:
+def run_evaluate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `evaluate` stage: train the variants (their own stages), then win rates vs SFT into `evaluate/`."""
     run_dir = RunDir(cfg.run_dir)
     baseline, baseline_manifest = reference_model(cfg, run_dir)

@@ -31,7 +31,16 @@ from raybpo.config import Config, GenerateConfig, PolicyConfig
 from raybpo.data.schema import prompt_key, prompt_messages
 from raybpo.models.generation import sample_seed, sample_seeded
 from raybpo.models.loading import load_causal_lm
-from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
+from raybpo.rundir import (
+    NO_CONTEXT,
+    RunDir,
+    StageContext,
+    StageCounts,
+    StageResult,
+    require_stage,
+    run_stage,
+    stage_identity,
+)
 from raybpo.train.dpo import reference_model
 
 STAGE = "generate"
@@ -157,7 +166,7 @@ def original_candidates(pairs: pa.Table, kept: dict[str, str], n: int) -> pa.Tab
     return pa.table(out, schema=CANDIDATES)
 
 
-def run_generate(cfg: Config) -> StageResult:
+def run_generate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `generate` stage: candidates for the breadth stage's kept prompts into `generate/candidates/`."""
     run_dir = RunDir(cfg.run_dir)
     breadth = require_stage(run_dir, "breadth")

@@ -31,7 +31,7 @@ from raybpo.config import Config, SourceSpec
 from raybpo.data import benchmark
 from raybpo.data.readers import detect_format, reader_for, validate_pair
 from raybpo.data.schema import PAIR_SCHEMA, QUARANTINE_SCHEMA, BadRow, Reason, make_pair_id
-from raybpo.rundir import RunDir, StageCounts, StageResult, hash_files, run_stage
+from raybpo.rundir import NO_CONTEXT, RunDir, StageContext, StageCounts, StageResult, hash_files, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def _input_hashes(cfg: Config, sources: list[ResolvedSource]) -> dict[str, str]:
     return hashes
 
 
-def ingest(cfg: Config) -> StageResult:
+def ingest(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """Run the ingest stage into `<run_dir>/ingest/` (skipped when its manifest is up to date)."""
     if not cfg.ingest.sources and cfg.ingest.preset == "none":
         raise IngestError("nothing to ingest: give --source PATH (repeatable) or --preset benchmark")

@@ -29,7 +29,16 @@ from raybpo.config import Config, JudgeConfig
 from raybpo.data import benchmark
 from raybpo.data.schema import PAIR_SCHEMA, make_pair_id
 from raybpo.models.reward import encode_texts, load_reward_model
-from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
+from raybpo.rundir import (
+    NO_CONTEXT,
+    RunDir,
+    StageContext,
+    StageCounts,
+    StageResult,
+    require_stage,
+    run_stage,
+    stage_identity,
+)
 
 STAGE = "score"
 RM_BATCH = 32
@@ -165,7 +174,7 @@ def scorer_model(cfg: Config, run_dir: RunDir) -> tuple[str, dict]:
     return run_dir.local_dir("reward", "model"), manifest
 
 
-def run_score(cfg: Config) -> StageResult:
+def run_score(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `score` stage: score `generate/candidates/`, quarantine failed judgements, write candidate pairs."""
     run_dir = RunDir(cfg.run_dir)
     generate = require_stage(run_dir, "generate")

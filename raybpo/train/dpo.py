@@ -25,7 +25,9 @@ from raybpo.models.loading import load_causal_lm, load_tokenizer
 from raybpo.models.logps import collate_pairs, pair_logps
 from raybpo.rundir import (
     MANIFEST,
+    NO_CONTEXT,
     RunDir,
+    StageContext,
     StageCounts,
     StageMissingError,
     StageResult,
@@ -175,11 +177,13 @@ def reference_model(cfg: Config, run_dir: RunDir) -> tuple[str, dict]:
     return cfg.policy.model, {"config_hash": cfg.section_hash("policy"), "created_at": "external"}
 
 
-def run_train(cfg: Config, stage: str = STAGE, selection: str | None = None) -> StageResult:
+def run_train(
+    cfg: Config, ctx: StageContext = NO_CONTEXT, *, stage: str = STAGE, selection: str | None = None
+) -> StageResult:
     """The `train` stage: prepare pairs (+ reference log-probs), beta-DPO with LoRA, write `<stage>/policy/`.
 
-    `stage` and `selection` let evaluation train variants (`train-dpo`, `train-random`, ...) beside the
-    main run: the same code, their own folder, manifest and checkpoints.
+    `stage` and `selection` run a variant of `evaluate.variants` (`train-dpo`, `train-random`, ...) beside the
+    main run: the same code, their own folder, manifest and checkpoints. `ctx.callbacks` go to its TorchTrainer.
     """
     run_dir = RunDir(cfg.run_dir)
     pairs_path, pairs_manifest = input_pairs(run_dir, selection)
@@ -220,6 +224,7 @@ def run_train(cfg: Config, stage: str = STAGE, selection: str | None = None) -> 
             run_dir.uri_of("checkpoints"),
             counts["eval"] > 0,
             tensorboard_dir=run_dir.path(stage, "tensorboard") if run_dir.is_local() else None,
+            callbacks=ctx.callbacks,
         )
         history, lines = metrics_jsonl(result)
         run_dir.write_bytes(f"{stage}/metrics.jsonl", lines)

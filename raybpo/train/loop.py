@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -344,12 +344,13 @@ def fit(
     storage: str,
     has_eval: bool,
     tensorboard_dir: str | None = None,
-    callbacks: list | None = None,
+    callbacks: Sequence[Any] = (),
 ):
     """Run `train_loop` on a TorchTrainer; the run `name` under `storage` is where a rerun resumes from.
 
     Keeps the best two checkpoints by eval loss (the latest two without an eval split). `callbacks` are Ray
-    Train `UserCallback`s; None means those of the `raybpo tune` trial this runs in (none outside a trial).
+    Train `UserCallback`s for the run, passed down by the stage from its `StageContext` (a `raybpo tune` trial's
+    `TrainToTune`, as in Ray's Train-inside-Tune example); none by default.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -358,11 +359,6 @@ def fit(
     # every worker print twice. Both are Ray defaults worth changing for step-level training.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if callbacks is None:
-        from raybpo.tune import trial_callbacks  # imported here: raybpo.tune runs the stages that import this module
-
-        callbacks = trial_callbacks(name)
-
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -382,7 +378,7 @@ def fit(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=loop_cfg.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=callbacks,
+            callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2,
                 checkpoint_score_attribute="eval_loss" if has_eval else "step",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,16 @@ from raybpo.config import Config, LoopConfig, RewardConfig
 from raybpo.losses import MoreWeighting, bradley_terry_head_grads, bradley_terry_loss
 from raybpo.metrics.reward import evaluate_reward_models, plot_lambda, summary, write_reward_report
 from raybpo.models.reward import encode_texts, load_reward_model, pooled_and_rewards, reward_head
-from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
+from raybpo.rundir import (
+    NO_CONTEXT,
+    RunDir,
+    StageContext,
+    StageCounts,
+    StageResult,
+    require_stage,
+    run_stage,
+    stage_identity,
+)
 from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl, unwrap
 from raybpo.train.prepare import split_of
 
@@ -184,10 +194,17 @@ def backbone(cfg: Config, run_dir: RunDir) -> str:
 
 
 def train_reward_model(
-    cfg: Config, run_dir: RunDir, mode: str, sources: list[str], out: Path, name: str, half: int | None = None
+    cfg: Config,
+    run_dir: RunDir,
+    mode: str,
+    sources: list[str],
+    out: Path,
+    name: str,
+    half: int | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> dict:
     """Train one reward model on `sources` (one `judge_half` of their pairs, or all) into the local folder `out`;
-    returns its metric history."""
+    returns its metric history. `callbacks` go to its TorchTrainer."""
     micro = cfg.reward.pairs_per_source_per_batch * len(sources)
     if cfg.reward.batch_size % (micro * cfg.reward.num_workers):
         raise ValueError(
@@ -199,7 +216,7 @@ def train_reward_model(
         make_reward_recipe, cfg.run_dir, backbone(cfg, run_dir), reward.model_dump(mode="json"), mode, sources, half
     )
     # The held-out pairs are the evaluation's test set, so no checkpoint is chosen on them: the last is kept.
-    result = fit(name, factory, reward, cfg.seed, run_dir.uri_of("checkpoints"), has_eval=False)
+    result = fit(name, factory, reward, cfg.seed, run_dir.uri_of("checkpoints"), has_eval=False, callbacks=callbacks)
     recipe, model = load_trained(factory, result, has_eval=False)
     model.save_pretrained(out, safe_serialization=True)
     recipe.tokenizer.save_pretrained(out)
@@ -208,7 +225,7 @@ def train_reward_model(
     return {"history": history, "eval_pairs": recipe.num_eval, "train_pairs": sum(map(len, recipe.by_source.values()))}
 
 
-def run_reward(cfg: Config) -> StageResult:
+def run_reward(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `reward` stage: train (MORE / multitask / single models), evaluate per source, write the report."""
     run_dir = RunDir(cfg.run_dir)
     ingest = require_stage(run_dir, "ingest")
@@ -226,17 +243,23 @@ def run_reward(cfg: Config) -> StageResult:
             tmp_path = Path(tmp)
             if mode in ("more", "multitask") and cfg.reward.judge_model:
                 runs = {
-                    name: train_reward_model(cfg, run_dir, mode, sources, tmp_path / name, f"{identity}-{name}", half)
+                    name: train_reward_model(
+                        cfg, run_dir, mode, sources, tmp_path / name, f"{identity}-{name}", half, ctx.callbacks
+                    )
                     for half, name in enumerate(("model", "judge"))
                 }
                 members = {name: [tmp_path / name] for name in runs}
             elif mode in ("more", "multitask"):
-                runs = {"model": train_reward_model(cfg, run_dir, mode, sources, tmp_path / "model", identity)}
+                runs = {
+                    "model": train_reward_model(
+                        cfg, run_dir, mode, sources, tmp_path / "model", identity, callbacks=ctx.callbacks
+                    )
+                }
                 members = {"model": [tmp_path / "model"]}
             else:
                 runs = {
                     f"models/{s}": train_reward_model(
-                        cfg, run_dir, "single", [s], tmp_path / "models" / s, f"{identity}-{s}"
+                        cfg, run_dir, "single", [s], tmp_path / "models" / s, f"{identity}-{s}", callbacks=ctx.callbacks
                     )
                     for s in sources
                 }

@@ -25,7 +25,16 @@ from raybpo.config import Config, PolicyConfig, SftConfig, TrainConfig
 from raybpo.models.loading import load_causal_lm, load_tokenizer
 from raybpo.models.logps import collate, token_logps
 from raybpo.models.tiny import build_tiny_model
-from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
+from raybpo.rundir import (
+    NO_CONTEXT,
+    RunDir,
+    StageContext,
+    StageCounts,
+    StageResult,
+    require_stage,
+    run_stage,
+    stage_identity,
+)
 from raybpo.train.dpo import ADAPTER_WEIGHTS, add_lora
 from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
@@ -91,7 +100,7 @@ def make_sft_recipe(run_dir: str, base: str, policy: dict, sft: dict, train: dic
     )
 
 
-def run_sft(cfg: Config) -> StageResult:
+def run_sft(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `sft` stage: build or load the base policy, tokenise (prompt, chosen), train, write `sft/model/`."""
     run_dir = RunDir(cfg.run_dir)
     ingest = require_stage(run_dir, "ingest")
@@ -140,6 +149,7 @@ def run_sft(cfg: Config) -> StageResult:
                 run_dir.uri_of("checkpoints"),
                 counts["eval"] > 0,
                 tensorboard_dir=run_dir.path(STAGE, "tensorboard") if run_dir.is_local() else None,
+                callbacks=ctx.callbacks,
             )
             history, lines = metrics_jsonl(result)
             run_dir.write_bytes(f"{STAGE}/metrics.jsonl", lines)
