@@ -1,4 +1,4 @@
-"""`raybpo`: one command per stage of ARCHITECTURE.md, plus `run`, `demo`, `tune`, `report` and `export`.
+"""`raybpo`: one command per stage of the graph (raybpo/graph.py), plus `run`, `demo`, `tune`, `report` and `export`.
 
 Every command takes `--config FILE.yaml`, `--run-dir DIR` and dotted overrides (`train.beta0=0.2`).
 """
@@ -11,7 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from raybpo.config import FORMATS, STAGE_ORDER, Config, ConfigError, SourceSpec, load_config
+from raybpo import graph
+from raybpo.config import FORMATS, Config, ConfigError, SourceSpec, load_config, variant_stage
 from raybpo.data.export import export_trl
 from raybpo.metrics.reward import markdown_table
 from raybpo.models.loading import ModelNotFoundError
@@ -19,16 +20,10 @@ from raybpo.models.tokenize import TokenizationError
 from raybpo.pipeline import StageRun, run_pipeline, summary_table
 from raybpo.report import write_report
 from raybpo.rundir import RunDir, StageMissingError, StageResult
-from raybpo.stages.breadth import BreadthError, run_breadth
-from raybpo.stages.depth import DepthError, run_depth
-from raybpo.stages.evaluate import run_evaluate
-from raybpo.stages.generate import run_generate
-from raybpo.stages.ingest import IngestError, ingest
-from raybpo.stages.score import run_score
-from raybpo.train.dpo import run_train
+from raybpo.stages.breadth import BreadthError
+from raybpo.stages.depth import DepthError
+from raybpo.stages.ingest import IngestError
 from raybpo.train.loop import NonFiniteLossError
-from raybpo.train.reward import run_reward
-from raybpo.train.sft import run_sft
 
 DEMO_PRESET = str(Path(__file__).parent / "presets" / "demo.yaml")
 SOURCE_OPTIONS = ("format", "name", "split", "subset", "pku_preference")
@@ -81,28 +76,36 @@ def _print_result(result: StageResult, run_dir: str) -> None:
     print(f"  manifest: {run_dir.rstrip('/')}/{m['stage']}/manifest.json")
 
 
+def _run_stage(cfg: Config, name: str) -> StageResult:
+    result = graph.step(cfg, name).run()
+    _print_result(result, cfg.run_dir)
+    return result
+
+
+def cmd_stage(args: argparse.Namespace) -> None:
+    """One stage of the graph; `raybpo train --variant NAME` runs the variant's stage `train-NAME`."""
+    cfg = _config(args)
+    variant = getattr(args, "variant", None)
+    if variant is not None and variant not in cfg.evaluate.variants:
+        known = ", ".join(cfg.evaluate.variants) or "none"
+        raise ConfigError(f"--variant {variant!r}: evaluate.variants has no such entry (it has: {known})")
+    _run_stage(cfg, variant_stage(variant) if variant else args.command)
+
+
 def cmd_ingest(args: argparse.Namespace) -> None:
     cfg = _config(args)
     if args.source:
         cfg.ingest.sources = [*cfg.ingest.sources, *(parse_source(s) for s in args.source)]
     if args.preset:
         cfg.ingest.preset = args.preset
-    _print_result(ingest(cfg), cfg.run_dir)
+    _run_stage(cfg, "ingest")
 
 
 def cmd_reward(args: argparse.Namespace) -> None:
-    cfg = _config(args)
-    result = run_reward(cfg)
-    _print_result(result, cfg.run_dir)
-    print(markdown_table(result.manifest["evaluation"]))
+    print(markdown_table(_run_stage(_config(args), "reward").manifest["evaluation"]))
 
 
-def _stage_command(stage: Callable[[Config], StageResult]) -> Callable[[argparse.Namespace], None]:
-    def run(args: argparse.Namespace) -> None:
-        cfg = _config(args)
-        _print_result(stage(cfg), cfg.run_dir)
-
-    return run
+STAGE_COMMANDS = {"ingest": cmd_ingest, "reward": cmd_reward}  # the others: cmd_stage
 
 
 def _run_pipeline(cfg: Config, from_stage: str | None = None, until_stage: str | None = None) -> None:
@@ -165,43 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
         ("demo", "`raybpo run` on the built-in offline benchmark (the demo preset)", cmd_demo),
     ):
         sub = add(name, help_text, handler)
-        sub.add_argument("--from", dest="from_stage", choices=STAGE_ORDER, help="redo this stage and all after it")
-        sub.add_argument("--until", dest="until_stage", choices=STAGE_ORDER, help="stop after this stage")
-    ingest_cmd = add("ingest", "parse, validate and deduplicate preference data into canonical pairs", cmd_ingest)
-    ingest_cmd.add_argument(
+        stages = f"a stage ({', '.join(graph.ORDER)}) or a variant's train-<name>"
+        sub.add_argument("--from", dest="from_stage", metavar="STAGE", help=f"redo {stages} and all after it")
+        sub.add_argument("--until", dest="until_stage", metavar="STAGE", help=f"stop after {stages}")
+    stage_commands = {s.name: add(s.name, s.help, STAGE_COMMANDS.get(s.name, cmd_stage)) for s in graph.STAGES}
+    stage_commands["ingest"].add_argument(
         "--source",
         action="append",
         metavar="PATH_OR_DATASET[,format=F][,name=N]",
         help="a JSONL, JSONL.gz or Parquet file or folder, or a Hugging Face dataset name (repeatable)",
     )
-    ingest_cmd.add_argument("--preset", choices=["benchmark"], help="generate and ingest the built-in benchmark")
-    add("reward", "reward models over several sources: MORE, multitask, single, average (Ray Train)", cmd_reward)
-    add(
-        "breadth",
-        "deduplicate and embed prompts, spherical k-means (faiss), keep the top eta per cluster (Ray Data)",
-        _stage_command(run_breadth),
+    stage_commands["ingest"].add_argument(
+        "--preset", choices=["benchmark"], help="generate and ingest the built-in benchmark"
     )
-    add(
-        "generate",
-        "n candidates per kept prompt: Hugging Face on CPU, vLLM on GPU (Ray Data)",
-        _stage_command(run_generate),
-    )
-    add(
-        "score",
-        "score candidates (reward model, LLM judge, or the benchmark's oracle) and pair them (Ray Data)",
-        _stage_command(run_score),
-    )
-    add(
-        "depth",
-        "per-pair LoRA gradient features, gradient clustering, BPO pair selection and its baselines (Ray Data)",
-        _stage_command(run_depth),
-    )
-    add("sft", "supervised warm-up of the policy on chosen responses (Ray Train)", _stage_command(run_sft))
-    add("train", "beta-DPO / DPO / IPO training with LoRA (Ray Train)", _stage_command(run_train))
-    add(
-        "evaluate",
-        "win rates of the trained policies against the SFT policy, with the data budget",
-        _stage_command(run_evaluate),
+    stage_commands[graph.VARIANTS_OF].add_argument(
+        "--variant", metavar="NAME", help="train the variant NAME of evaluate.variants (stage train-NAME) instead"
     )
     add("report", "write report/report.md and report.html from every finished stage", cmd_report)
     add("tune", "Ray Tune over any config keys (train + evaluate tail), ASHA early stopping", cmd_tune)

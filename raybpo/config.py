@@ -19,8 +19,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 FORMATS = ("auto", "hh", "trl", "pku", "ultrafeedback", "judge", "columns")
+# The stage names the config validates, in graph order: raybpo/graph.py holds the stages and checks this list.
 STAGE_ORDER = ("ingest", "sft", "reward", "breadth", "generate", "score", "depth", "train", "evaluate")
-StageName = Literal["ingest", "sft", "reward", "breadth", "generate", "score", "depth", "train", "evaluate"]
+StageName = Literal[STAGE_ORDER]  # type: ignore[valid-type]
+VARIANT_PREFIX = "train-"
 Format = Literal["auto", "hh", "trl", "pku", "ultrafeedback", "judge", "columns"]
 
 
@@ -329,6 +331,11 @@ class VariantSpec(Section):
         if bad:
             raise ValueError(f"variant overrides may set train.*, policy.* and seed only, not {bad}")
         return self
+
+
+def variant_stage(name: str) -> str:
+    """The stage (and run-dir folder) of the variant `name` of `evaluate.variants`: `train-<name>`."""
+    return VARIANT_PREFIX + name
 
 
 class EvaluateConfig(Section):

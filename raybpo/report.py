@@ -29,12 +29,14 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from raybpo import graph
+from raybpo.config import VARIANT_PREFIX
 from raybpo.metrics.winrates import WINRATE_HEADER, winrate_note, winrate_rows
 from raybpo.plots import png_bytes
 from raybpo.rundir import MANIFEST, RunDir
 
 REPORT = "report"
-STAGES = ("ingest", "sft", "reward", "breadth", "generate", "score", "depth", "train", "evaluate", "tune")
+STAGES = (*graph.ORDER, "tune")  # the stage graph, then the sweep (a folder with a manifest too)
 TRAINING_METRICS = ("beta", "beta/M0", "rewards/margins", "filter/kept_fraction")
 STAGE_METRICS = ("loss", "eval_loss", "win_rate")
 FINAL_COLUMNS = ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "beta", "filter/kept_fraction")
@@ -133,8 +135,8 @@ def stage_folders(run_dir: RunDir) -> list[str]:
     """The known stages in pipeline order, with the variants `train-<name>` found on disk after `train`."""
     infos = run_dir.fs.get_file_info(pafs.FileSelector(run_dir.root, allow_not_found=True))
     variants = sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
-    variants = [name for name in variants if name.startswith("train-")]
-    at = STAGES.index("train") + 1
+    variants = [name for name in variants if name.startswith(VARIANT_PREFIX)]
+    at = STAGES.index(graph.VARIANTS_OF) + 1
     return [*STAGES[:at], *variants, *STAGES[at:]]
 
 

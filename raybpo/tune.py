@@ -9,9 +9,10 @@ wrong key or value fails at once, naming it. `tune.search: grid` runs every comb
 `tune.grid_search` list, and a trial is named by its settings (`trial-<hash>`), so a rerun meets its own folders.
 
 Trials: a trial is `raybpo run` with the trial's config in `<run_dir>/tune/<trial>/`. First the main run
-finishes (or skips, when done) every stage before the first stage that reads a searched key's section
-(`SECTION_READERS`; `seed` is read by all). A trial's run directory then starts with copies of the main run's
-finished stages that the trial's config leaves up to date: the longest prefix of the planned stages whose
+finishes (or skips, when done) every stage before the first planned stage that reads a searched key (the
+graph's `Step.reads_key`: the config sections a stage hashes, for a variant `train-<name>` also
+`evaluate.variants.<name>`; `seed` is read by all). A trial's run directory then starts with copies of the main
+run's finished stages that the trial's config leaves up to date: the longest prefix of the planned stages whose
 manifest hash equals the one the trial's config gives (hard links on a local run dir, copies through pyarrow
 otherwise; the manifest last). The pipeline skips those and runs the rest, the tail. The manifests decide, so
 a tail can start before a key's own stage: depth records train's LoRA and length settings among its inputs
@@ -66,8 +67,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from raybpo.cluster import init_ray
-from raybpo.config import STAGE_ORDER, Config, ConfigError, TuneConfig, _explain, apply_overrides
-from raybpo.pipeline import StageRun, planned_stages, run_pipeline
+from raybpo.config import Config, ConfigError, TuneConfig, _explain, apply_overrides
+from raybpo.graph import plan
+from raybpo.pipeline import StageRun, run_pipeline
 from raybpo.rundir import MANIFEST, RunDir, package_versions
 from raybpo.train.dpo import FINAL_METRICS
 from raybpo.train.dpo import STAGE as TRAIN
@@ -78,21 +80,6 @@ FINISHED, EARLY_STOPPED, FAILED = "finished", "early-stopped", "failed"
 EVALUATE_METRICS = ("win_rate", "ci_low", "ci_high")
 NOT_SEARCHABLE = ("run_dir", "stages", "ray", "tune")
 MAX_STEPS = 10**9  # ASHA's max_t: no trial is cut for its length, only at rungs
-# The stages that read each config section (what they hash into their manifests; sft hashes train too when
-# sft.lora is on, which the trials' copy check catches); `seed` is read by all.
-SECTION_READERS: dict[str, tuple[str, ...]] = {
-    "ingest": ("ingest",),
-    "benchmark": ("ingest",),
-    "policy": ("sft", "generate", "depth", "train", "evaluate"),
-    "sft": ("sft",),
-    "reward": ("reward", "score"),
-    "breadth": ("breadth",),
-    "generate": ("generate",),
-    "score": ("score",),
-    "depth": ("depth",),
-    "train": ("depth", "train", "evaluate"),
-    "evaluate": ("evaluate",),
-}
 
 
 # -- the search space -----------------------------------------------------------------------------------------
@@ -114,7 +101,8 @@ def check_search(cfg: Config) -> str:
         raise ConfigError(
             "tune.search_space is empty: give dotted keys and values, e.g. tune.search_space.train.beta0=[0.05,0.2]"
         )
-    planned = planned_stages(cfg)
+    steps = plan(cfg)
+    planned = [step.name for step in steps]
     firsts = []
     for key, values in space.items():
         section = key.split(".", 1)[0]
@@ -125,7 +113,7 @@ def check_search(cfg: Config) -> str:
             raise ConfigError(f"tune.search_space.{key}: a value is listed twice in {values}")
         for value in values:
             with_overrides(cfg, {key: value})
-        readers = [s for s in planned if section == "seed" or s in SECTION_READERS.get(section, ())]
+        readers = [step.name for step in steps if step.reads_key(key)]
         if not readers:
             raise ConfigError(
                 f"tune.search_space.{key}: none of the config's stages ({', '.join(planned)}) reads {section}.*"
@@ -139,7 +127,7 @@ def check_search(cfg: Config) -> str:
     early = cfg.tune.early_stop_metric
     if early is not None and early not in FINAL_METRICS:
         raise ConfigError(f"tune.early_stop_metric {early!r} is not a train metric; choose one of {FINAL_METRICS}")
-    return min(firsts, key=STAGE_ORDER.index)
+    return min(firsts, key=planned.index)
 
 
 def trial_overrides(cfg: Config) -> list[dict[str, Any]]:
@@ -201,16 +189,18 @@ def copy_stage(source: RunDir, target: RunDir, stage: str) -> None:
 def seed_trial(main: RunDir, cfg: Config) -> list[str]:
     """Give the trial's run dir the main run's finished stages that `cfg` leaves up to date; returns them.
 
-    They are the longest prefix of the planned stages whose main manifest records the config hash `cfg` gives
-    the same sections: the pipeline then skips them (their input hashes match, as the prefix is copied whole).
+    They are the longest prefix of the planned stages whose main manifest records the config hash the stage's config
+    (a variant's: its overrides applied) gives the same sections: the pipeline then skips them (their input hashes
+    match, as the prefix is copied whole).
     """
     trial = RunDir(cfg.run_dir)
     kept = []
-    for stage in planned_stages(cfg):
+    for step in plan(cfg):
+        stage = step.name
         if not main.exists(stage, MANIFEST):
             break
         manifest = main.read_json(f"{stage}/{MANIFEST}")
-        if manifest["config_hash"] != cfg.section_hash(*(s for s in manifest["config"] if s != "seed")):
+        if manifest["config_hash"] != step.cfg.section_hash(*(s for s in manifest["config"] if s != "seed")):
             break
         if not trial.exists(stage, MANIFEST) or trial.read_json(f"{stage}/{MANIFEST}") != manifest:
             trial.remove(stage)
@@ -307,7 +297,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], main_run_dir: str, c
     cfg = with_overrides(Config.model_validate(base), config["overrides"])
     cfg.run_dir = main.uri_of(TUNE, context.get_trial_name())
     kept = seed_trial(main, cfg)
-    tail = [s for s in planned_stages(cfg) if s not in kept]
+    tail = [step.name for step in plan(cfg) if step.name not in kept]
     callbacks = {TRAIN: [TrainToTune(board, context.get_trial_id(), cfg.tune.early_stop_metric)]}
     status = FINISHED
     try:
@@ -528,7 +518,8 @@ def run_tune(cfg: Config) -> TuneSummary:
     if cfg.tune.early_stop_metric == "eval_loss" and {"train.beta0", "train.loss"} & set(cfg.tune.search_space):
         print("note: eval_loss is the loss at each trial's own beta0 and loss type, so ASHA compares unlike scales")
     init_ray(cfg.ray)
-    upstream = [s for s in planned_stages(cfg) if STAGE_ORDER.index(s) < STAGE_ORDER.index(first)]
+    planned = [step.name for step in plan(cfg)]
+    upstream = planned[: planned.index(first)]
     if upstream:
         print(f"main run: {', '.join(upstream)} (the stages every trial shares)", flush=True)
         run_pipeline(cfg, until_stage=upstream[-1], on_stage=_stage_line)

@@ -1,7 +1,7 @@
 """The evaluate stage: win-rate maths, variant configs, judged comparisons, and a tiny run end to end.
 
 The run: the benchmark (3 x 60 pairs over 30 prompts, 6 held-out prompts), a tiny config-built policy
-standing in for the SFT model, one `train`, and one variant trained by the stage itself on a depth
+standing in for the SFT model, one `train`, and one variant, the graph's stage `train-<name>`, on a depth
 selection (a hand-made `depth/selections/random/`) with DPO overrides; judged by the benchmark's oracle.
 """
 
@@ -21,6 +21,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from raybpo import graph
 from raybpo.config import Config, ConfigError, TinyModelConfig, load_config
 from raybpo.data import benchmark
 from raybpo.data.schema import make_pair_id, prompt_key
@@ -30,7 +31,7 @@ from raybpo.models.tiny import build_tiny_model
 from raybpo.report import write_report
 from raybpo.rundir import RunDir, StageCounts, StageMissingError, run_stage
 from raybpo.stages import evaluate
-from raybpo.stages.evaluate import Judge, held_out_prompts, judge_setup, run_evaluate, variant_config
+from raybpo.stages.evaluate import Judge, held_out_prompts, judge_setup, run_evaluate
 from raybpo.stages.ingest import ingest
 from raybpo.stages.score import oracle_batch
 from raybpo.train.dpo import run_train
@@ -84,9 +85,9 @@ def test_variants_parse_from_yaml_and_from_dotted_overrides(tmp_path):
     assert variants["random"].selection == "random" and variants["random"].overrides == {}
     assert variants["dpo"].overrides == {"train.alpha": 0, "train.rho": 1}
     assert variants["ipo"].overrides == {"train.loss": "ipo"}  # nested by the dotted override, flattened
-    dpo = variant_config(cfg, "dpo", variants["dpo"])
+    dpo = graph.variant_config(cfg, "dpo", variants["dpo"])
     assert (dpo.train.alpha, dpo.train.rho, dpo.train.beta0) == (0.0, 1.0, cfg.train.beta0)
-    assert variant_config(cfg, "ipo", variants["ipo"]).train.loss == "ipo" and cfg.train.loss == "dpo"
+    assert graph.variant_config(cfg, "ipo", variants["ipo"]).train.loss == "ipo" and cfg.train.loss == "dpo"
     assert Config().evaluate.variants == {}  # none by default
 
 
@@ -99,10 +100,12 @@ def test_bad_variants_fail_with_the_key_named():
         load_config(None, ["evaluate.variants={x: {selection: best}}"])
     cfg = load_config(None, ["evaluate.variants={x: {overrides: {train.alpah: 0}}}"])
     with pytest.raises(ConfigError, match=r"evaluate.variants.x.overrides: train.alpah: Extra inputs"):
-        variant_config(cfg, "x", cfg.evaluate.variants["x"])
+        graph.variant_config(cfg, "x", cfg.evaluate.variants["x"])
     cfg = load_config(None, ["evaluate.variants={x: {overrides: {train.rho: 2}}}"])
     with pytest.raises(ConfigError, match=r"train.rho: Input should be less than or equal to 1"):
-        variant_config(cfg, "x", cfg.evaluate.variants["x"])
+        graph.variant_config(cfg, "x", cfg.evaluate.variants["x"])
+    with pytest.raises(ConfigError, match=r"evaluate.variants.x.overrides: train.rho"):
+        graph.plan(cfg)  # at planning time, before any stage runs
 
 
 # -- comparisons ----------------------------------------------------------------------------------------------
@@ -225,6 +228,8 @@ def test_oracle_evaluation_of_the_policy_and_a_variant(tiny_run):
     cfg.evaluate.variants = load_config(
         None, ["evaluate.variants={random-dpo: {selection: random, overrides: {train.alpha: 0, train.rho: 1}}}"]
     ).evaluate.variants
+    variant_step = graph.step(cfg, "train-random-dpo")  # a stage of the graph, trained before evaluate
+    assert variant_step.selection == "random" and not variant_step.run().skipped
     result = run_evaluate(cfg)
     run = Path(cfg.run_dir)
     manifest, evaluation = result.manifest, json.loads((run / "evaluate/evaluation.json").read_text())
@@ -272,7 +277,16 @@ def test_oracle_evaluation_of_the_policy_and_a_variant(tiny_run):
 
     # a rerun skips the stage and the variant's training
     again = run_evaluate(cfg)
-    assert again.skipped and json.loads((run / "train-random-dpo/manifest.json").read_text()) == variant
+    assert again.skipped and variant_step.run().skipped
+    assert json.loads((run / "train-random-dpo/manifest.json").read_text()) == variant
+
+
+def test_evaluate_judges_the_variants_it_finds_and_trains_none(tiny_run):
+    cfg = tiny_run.model_copy(deep=True)
+    cfg.evaluate.variants = load_config(None, ["evaluate.variants={never-trained: {}}"]).evaluate.variants
+    with pytest.raises(StageMissingError, match=r"run `raybpo train --variant never-trained` \(or `raybpo run`\)"):
+        run_evaluate(cfg)
+    assert not (Path(cfg.run_dir) / "train-never-trained").exists()
 
 
 def _flaky_oracle(batch: pa.Table) -> pa.Table:

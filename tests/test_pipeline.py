@@ -13,13 +13,18 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
+from raybpo import graph
 from raybpo.cli import main
 from raybpo.config import STAGE_ORDER, ConfigError, load_config
-from raybpo.pipeline import forget_from, planned_stages
+from raybpo.pipeline import forget_from
 from raybpo.rundir import RunDir
 
 TINY = str(Path(__file__).with_name("tiny.yaml"))
 STAGES = [s for s in STAGE_ORDER if s != "reward"]  # tiny.yaml's stages
+
+
+def planned_stages(cfg, from_stage=None, until_stage=None) -> list[str]:
+    return [step.name for step in graph.plan(cfg, from_stage, until_stage)]
 
 
 def _manifests(run: Path) -> dict[str, dict]:
@@ -116,5 +121,38 @@ def test_forget_from_removes_the_later_manifests_and_the_variants(tmp_path):
     run = RunDir(tmp_path)
     for stage in ("ingest", "depth", "train", "train-dpo", "evaluate"):
         run.write_json(f"{stage}/manifest.json", {})
-    assert sorted(forget_from(run, "train")) == ["evaluate", "train", "train-dpo"]
+    cfg = load_config(None, [f"run_dir={tmp_path}", "evaluate.variants={dpo: {overrides: {train.alpha: 0}}}"])
+    assert sorted(forget_from(cfg, "train")) == ["evaluate", "train", "train-dpo"]
     assert run.exists("depth", "manifest.json") and not run.exists("train-dpo", "manifest.json")
+
+
+def test_the_graph_is_the_one_stage_list(tmp_path):
+    """config.STAGE_ORDER, the report's table and the CLI's commands are the graph's stages, in its order; every
+    stage reads only earlier stages; no stage module imports raybpo.tune (its hook is passed to `fit`)."""
+    from raybpo.cli import build_parser
+    from raybpo.report import STAGES as REPORT_STAGES
+
+    assert graph.ORDER == STAGE_ORDER and REPORT_STAGES[:-1] == graph.ORDER
+    for index, stage in enumerate(graph.STAGES):
+        assert set(stage.reads) <= set(graph.ORDER[:index]), stage.name
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert [c for c in commands if c in graph.ORDER] == list(graph.ORDER)
+    code = "import sys, raybpo.graph; print('raybpo.tune' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_variants_are_planned_as_stages_after_train(tmp_path):
+    variants = "evaluate.variants={random: {selection: random}, dpo: {overrides: {train.alpha: 0, train.rho: 1}}}"
+    cfg = load_config(TINY, [f"run_dir={tmp_path}", variants])
+    assert planned_stages(cfg) == [*STAGES[:-1], "train-random", "train-dpo", "evaluate"]
+    assert planned_stages(cfg, until_stage="train") == STAGES[: STAGES.index("train") + 1]
+    assert planned_stages(cfg, until_stage="train-random")[-2:] == ["train", "train-random"]
+    dpo = graph.step(cfg, "train-dpo")
+    assert dpo.stage.name == "train" and (dpo.cfg.train.alpha, dpo.cfg.train.rho) == (0.0, 1.0) and dpo.is_variant
+    assert graph.step(cfg, "train-random").selection == "random" and graph.step(cfg, "train").cfg is cfg
+    assert dpo.reads_key("train.beta0") and dpo.reads_key("evaluate.variants.dpo.overrides.train.beta0")
+    assert not dpo.reads_key("evaluate.variants.random.selection") and not dpo.reads_key("evaluate.temperature")
+    no_evaluate = load_config(TINY, [f"run_dir={tmp_path}", variants, "stages=[ingest,sft,train]"])
+    assert planned_stages(no_evaluate) == ["ingest", "sft", "train"]  # variants exist to be evaluated
+    with pytest.raises(ConfigError, match="not a stage"):
+        planned_stages(cfg, until_stage="train-ipo")

@@ -3,9 +3,10 @@
 The Ray part of evaluation: sampling and judging. The win-rate maths and tables are `raybpo.metrics.winrates`
 (free of Ray); the reward models' metrics are `raybpo.metrics.reward`, called by the reward stage.
 
-Policies: the `train` stage's policy, and every variant of `evaluate.variants` (trained here as stage
-`train-<name>` on a depth selection and/or with config overrides), each against the SFT policy (the
-reference of training) on held-out prompts:
+Policies: the `train` stage's policy, and every variant of `evaluate.variants` (the stage `train-<name>`, on a
+depth selection and/or with config overrides, that the pipeline plans and runs before this stage, see
+raybpo/graph.py; this stage trains nothing), each against the SFT policy (the reference of training) on held-out
+prompts:
 - prompts: the benchmark's `ingest/benchmark/eval_prompts.jsonl` when the run ingested it, else the
   distinct prompts of the ingested pairs in the `eval` split (`train.eval_fraction`) that no training-split
   pair shares; the first `evaluate.num_prompts` of them;
@@ -32,10 +33,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
-from pydantic import ValidationError
 
 from raybpo.cluster import init_ray
-from raybpo.config import Config, ConfigError, GenerateConfig, VariantSpec, apply_overrides
+from raybpo.config import Config, ConfigError, GenerateConfig, variant_stage
 from raybpo.data import benchmark
 from raybpo.data.schema import prompt_key
 from raybpo.metrics.winrates import BASELINE, compare, plot_winrates, summarize, winrate_markdown
@@ -53,24 +53,11 @@ from raybpo.rundir import (
 )
 from raybpo.stages.generate import HfGenerator
 from raybpo.stages.score import SCORED, JudgeScorer, RewardModelScorer, oracle_batch, scorer_model
-from raybpo.train.dpo import reference_model, run_train
+from raybpo.train.dpo import reference_model
 from raybpo.train.prepare import split_of
 
 STAGE = "evaluate"
 MAIN = "train"
-
-
-def variant_config(cfg: Config, name: str, spec: VariantSpec) -> Config:
-    """The run's config with a variant's overrides applied (dotted keys, validated like the command line)."""
-    overrides = [f"{key}={json.dumps(value)}" for key, value in spec.overrides.items()]
-    where = f"evaluate.variants.{name}.overrides"
-    try:
-        return Config.model_validate(apply_overrides(cfg.model_dump(mode="json"), overrides))
-    except ValidationError as err:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{where}: {detail}") from None
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
 
 
 def held_out_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[str], str]:
@@ -113,6 +100,11 @@ class Policy:
 
 def trained_policy(run_dir: RunDir, stage: str, variant: str | None = None) -> Policy:
     """The merged policy a finished train stage wrote (a clear error when it wrote none)."""
+    if variant is not None and not run_dir.exists(stage, MANIFEST):
+        raise StageMissingError(
+            f"{run_dir.uri_of(stage)} has no finished run (no {MANIFEST}): the variant {variant!r} of "
+            f"evaluate.variants is the stage {stage}: run `raybpo train --variant {variant}` (or `raybpo run`) first"
+        )
     manifest = require_stage(run_dir, stage)
     if not run_dir.exists(stage, "policy", "merged"):
         raise StageMissingError(
@@ -291,14 +283,12 @@ def policy_result(run_dir: RunDir, policy: Policy, comparisons: pa.Table, confid
 
 
 def run_evaluate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
-    """The `evaluate` stage: train the variants (their own stages), then win rates vs SFT into `evaluate/`."""
+    """The `evaluate` stage: win rates vs SFT of `train` and of every variant's stage `train-<name>`, into
+    `evaluate/`. It trains nothing: the pipeline runs the variants before it (raybpo/graph.py)."""
     run_dir = RunDir(cfg.run_dir)
     baseline, baseline_manifest = reference_model(cfg, run_dir)
     policies = [trained_policy(run_dir, MAIN)]
-    for name, spec in cfg.evaluate.variants.items():
-        stage = f"{MAIN}-{name}"
-        run_train(variant_config(cfg, name, spec), stage=stage, selection=spec.selection)
-        policies.append(trained_policy(run_dir, stage, name))
+    policies += [trained_policy(run_dir, variant_stage(name), name) for name in cfg.evaluate.variants]
     prompts, prompt_source = held_out_prompts(cfg, run_dir)
     judge = judge_setup(cfg, run_dir)
     inputs = {
