@@ -23,6 +23,7 @@ from typing import Any
 
 from raybpo import graph
 from raybpo.config import Config
+from raybpo.report import write_report
 from raybpo.rundir import MANIFEST, RunDir, StageContext
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,6 @@ def run_pipeline(
         if on_stage is not None:
             on_stage(index, len(steps), run)
     if graph.JUDGED_BY in (step.name for step in steps):
-        from raybpo.report import write_report
-
         result.report = write_report(cfg.run_dir)[0]
     return result
 

@@ -1,6 +1,7 @@
 """`raybpo run`: the whole stage graph on a tiny benchmark, a rerun that skips every stage, `--from train`
 redoing only the tail, and a driver killed mid-pipeline whose rerun finishes with the same outputs."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,8 +17,8 @@ import pytest
 from raybpo import graph
 from raybpo.cli import main
 from raybpo.config import STAGE_ORDER, ConfigError, load_config
-from raybpo.pipeline import forget_from
-from raybpo.rundir import RunDir
+from raybpo.pipeline import forget_from, run_pipeline
+from raybpo.rundir import RunDir, StageResult
 
 TINY = str(Path(__file__).with_name("tiny.yaml"))
 STAGES = [s for s in STAGE_ORDER if s != "reward"]  # tiny.yaml's stages
@@ -156,3 +157,23 @@ def test_variants_are_planned_as_stages_after_train(tmp_path):
     assert planned_stages(no_evaluate) == ["ingest", "sft", "train"]  # variants exist to be evaluated
     with pytest.raises(ConfigError, match="not a stage"):
         planned_stages(cfg, until_stage="train-ipo")
+
+
+def test_run_pipeline_hands_each_stage_the_callbacks_named_for_it(tmp_path, monkeypatch):
+    """Tune's hook goes to the stage it names (train), not to sft or the variants: passed, not looked up."""
+    seen = {}
+
+    def fake(name):
+        def run(cfg, ctx, **variant):
+            seen[variant.get("stage", name)] = ctx.callbacks
+            return StageResult({"stage": name}, skipped=False)
+
+        return run
+
+    monkeypatch.setattr(graph, "STAGES", tuple(dataclasses.replace(s, run=fake(s.name)) for s in graph.STAGES))
+    variants = "evaluate.variants={dpo: {overrides: {train.alpha: 0}}}"
+    cfg = load_config(None, [f"run_dir={tmp_path}", "stages=[ingest,sft,train,evaluate]", variants])
+    hook = object()
+    result = run_pipeline(cfg, callbacks={"train": [hook]})
+    assert seen == {"ingest": (), "sft": (), "train": (hook,), "train-dpo": (), "evaluate": ()}
+    assert [(r.name, r.stage) for r in result.stages][-2:] == [("train-dpo", "train"), ("evaluate", "evaluate")]
