@@ -25,7 +25,15 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from raybpo.config import STAGE_ORDER, Config, ConfigError, VariantSpec, apply_overrides, variant_stage
+from raybpo.config import (
+    STAGE_ORDER,
+    VARIANT_PREFIX,
+    Config,
+    ConfigError,
+    VariantSpec,
+    apply_overrides,
+    variant_stage,
+)
 from raybpo.rundir import NO_CONTEXT, StageContext, StageResult
 from raybpo.stages.breadth import run_breadth
 from raybpo.stages.depth import run_depth
@@ -124,8 +132,12 @@ BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
 VARIANTS_OF = "train"  # the stage whose variants `evaluate.variants` plans
 JUDGED_BY = "evaluate"  # the stage the variants are trained for
 
-if ORDER != STAGE_ORDER:  # the config validates stage names without importing the stages
-    raise RuntimeError(f"config.STAGE_ORDER {STAGE_ORDER} must list the graph's stages in order: {ORDER}")
+# The config validates stage names (and names the variants' folders) without importing the stages.
+if ORDER != STAGE_ORDER or f"{VARIANTS_OF}-" != VARIANT_PREFIX:
+    raise RuntimeError(
+        f"config.STAGE_ORDER {STAGE_ORDER} must list the graph's stages in order, {ORDER}, and "
+        f"config.VARIANT_PREFIX {VARIANT_PREFIX!r} name the variants of {VARIANTS_OF}"
+    )
 
 
 @dataclass(frozen=True)
