@@ -128,7 +128,6 @@ STAGES: tuple[Stage, ...] = (
     ),
 )
 ORDER: tuple[str, ...] = tuple(stage.name for stage in STAGES)
-BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
 VARIANTS_OF = "train"  # the stage whose variants `evaluate.variants` plans
 JUDGED_BY = "evaluate"  # the stage the variants are trained for
 
