@@ -3,8 +3,8 @@
 `sample_seeded` draws every row with its own `torch.Generator`, so a response depends only on the
 model, its prompt and its seed: not on the batch it was sampled in, the batch size, the worker or a
 rerun. Prompts are rendered exactly as in training (`encode_prompt`; with `max_prompt_length` only their
-last tokens are kept, as training truncates), left-padded, and decoded with
-the KV cache; a row stops at EOS or after `max_new_tokens`. `sample_responses` is the evaluation
+last tokens are kept, as training truncates), left-padded, each distinct prompt prefilled once, and
+decoded with the KV cache; a row stops at EOS or after `max_new_tokens`. `sample_responses` is the evaluation
 convenience: one response per prompt with seeds derived from (seed, prompt position).
 """
 
@@ -47,27 +47,32 @@ def sample_token_ids(
     use_chat_template: bool = True,
     max_prompt_length: int | None = None,
 ) -> list[list[int]]:
-    """The sampled token ids of one response per (prompt, seed), without EOS; temperature 0 is greedy."""
+    """The sampled token ids of one response per (prompt, seed), without EOS; temperature 0 is greedy.
+
+    Rows that share a prompt (the `n` samples of one prompt) share its prefill: each distinct prompt is
+    encoded once and its KV cache copied to its rows (the cache's `reorder_cache`, as beam search does).
+    """
     model.eval()
     device = model.device
     encoded = [encode_prompt(tokenizer, p, use_chat_template) for p in prompts]
     if max_prompt_length is not None:
         encoded = [ids[-max_prompt_length:] for ids in encoded]
-    width = max(map(len, encoded))
+    distinct: dict[tuple[int, ...], int] = {}
+    row_prompt = torch.tensor([distinct.setdefault(tuple(ids), len(distinct)) for ids in encoded], device=device)
+    width = max(map(len, distinct))
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in distinct], device=device)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in distinct], device=device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    prefill = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    past = prefill.past_key_values
+    past.reorder_cache(row_prompt)
+    logits = prefill.logits[:, -1].float().cpu()[row_prompt.cpu()]
+    attention, positions = attention[row_prompt], positions[row_prompt, -1:]
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     out = torch.full((len(prompts), max_new_tokens), pad, dtype=torch.long)
     done = torch.zeros(len(prompts), dtype=torch.bool)
-    past, step_ids = None, input_ids
     for t in range(max_new_tokens):
-        result = model(
-            input_ids=step_ids, attention_mask=attention, position_ids=positions, past_key_values=past, use_cache=True
-        )
-        past = result.past_key_values
-        logits = result.logits[:, -1].float().cpu()
         if temperature == 0:
             tokens = logits.argmax(-1)
         else:
@@ -78,11 +83,18 @@ def sample_token_ids(
         tokens = torch.where(done, torch.tensor(pad), tokens)
         out[:, t] = tokens
         done |= tokens == eos
-        if done.all():
+        if done.all() or t == max_new_tokens - 1:
             break
-        step_ids = tokens[:, None].to(device)
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
-        positions = positions[:, -1:] + 1
+        positions = positions + 1
+        result = model(
+            input_ids=tokens[:, None].to(device),
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=True,
+        )
+        past, logits = result.past_key_values, result.logits[:, -1].float().cpu()
     return [[i for i in row.tolist() if i not in (pad, eos)] for row in out]
 
 
