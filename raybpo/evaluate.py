@@ -44,10 +44,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import torch
-from pydantic import ValidationError
 
 from raybpo.cluster import init_ray
-from raybpo.config import Config, ConfigError, GenerateConfig, RewardConfig, VariantSpec, apply_overrides
+from raybpo.config import Config, ConfigError, GenerateConfig, RewardConfig, VariantSpec, with_overrides
 from raybpo.data import benchmark
 from raybpo.data.schema import prompt_key
 from raybpo.losses import expected_calibration_error, preference_accuracy
@@ -294,15 +293,7 @@ def win_rate(wins: int, ties: int, losses: int, confidence: float) -> WinRate:
 
 def variant_config(cfg: Config, name: str, spec: VariantSpec) -> Config:
     """The run's config with a variant's overrides applied (dotted keys, validated like the command line)."""
-    overrides = [f"{key}={json.dumps(value)}" for key, value in spec.overrides.items()]
-    where = f"evaluate.variants.{name}.overrides"
-    try:
-        return Config.model_validate(apply_overrides(cfg.model_dump(mode="json"), overrides))
-    except ValidationError as err:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{where}: {detail}") from None
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
+    return with_overrides(cfg, spec.overrides, f"evaluate.variants.{name}.overrides")
 
 
 def held_out_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[str], str]:
