@@ -13,7 +13,7 @@ from pathlib import Path
 
 from raybpo.config import FORMATS, STAGE_ORDER, Config, ConfigError, SourceSpec, load_config
 from raybpo.data.export import export_trl
-from raybpo.evaluate import markdown_table, run_evaluate
+from raybpo.evaluate import reward_markdown, run_evaluate
 from raybpo.models.loading import ModelNotFoundError
 from raybpo.models.tokenize import TokenizationError
 from raybpo.pipeline import StageRun, run_pipeline, summary_table
@@ -93,7 +93,7 @@ def cmd_reward(args: argparse.Namespace) -> None:
     cfg = _config(args)
     result = run_reward(cfg)
     _print_result(result, cfg.run_dir)
-    print(markdown_table(result.manifest["evaluation"]))
+    print(reward_markdown(result.manifest["evaluation"]))
 
 
 def _stage_command(stage: Callable[[Config], StageResult]) -> Callable[[argparse.Namespace], None]:

@@ -64,6 +64,7 @@ from raybpo.rundir import (
 )
 from raybpo.stages.generate import HfGenerator
 from raybpo.stages.score import SCORED, JudgeScorer, RewardModelScorer, oracle_batch, scorer_model
+from raybpo.tables import markdown_table
 from raybpo.train.dpo import reference_model, run_train
 from raybpo.train.prepare import split_of
 
@@ -145,10 +146,11 @@ def summary(evaluation: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def markdown_table(evaluation: dict[str, Any]) -> str:
+def reward_table(evaluation: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The reward-model table's header and cells, one row per model (of an evaluation or its `summary`)."""
     sources = evaluation["sources"]
     header = ["model", *[f"acc {s}" for s in sources], "mean acc", "worst acc", "ECE", "reward drift"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for name, m in evaluation["models"].items():
         cells = [name, *[f"{m['per_source'][s]['accuracy']:.3f}" for s in sources]]
         cells += [
@@ -157,9 +159,14 @@ def markdown_table(evaluation: dict[str, Any]) -> str:
             f"{m['ece']:.4f}",
             f"{m['reward_drift']:.3f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return header, rows
+
+
+def reward_markdown(evaluation: dict[str, Any]) -> str:
+    """The reward-model table and the held-out pairs per source."""
     pairs = ", ".join(f"{s}: {n}" for s, n in evaluation["eval_pairs"].items())
-    return "\n".join(lines) + f"\n\nHeld-out pairs per source: {pairs}.\n"
+    return markdown_table(*reward_table(evaluation)) + f"\n\nHeld-out pairs per source: {pairs}.\n"
 
 
 def write_reward_report(evaluation: dict[str, Any], out: Path) -> None:
@@ -171,7 +178,7 @@ def write_reward_report(evaluation: dict[str, Any], out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "reward.json").write_text(json.dumps(summary(evaluation), indent=2, sort_keys=True))
-    (out / "reward.md").write_text("# Reward models\n\n" + markdown_table(evaluation))
+    (out / "reward.md").write_text("# Reward models\n\n" + reward_markdown(evaluation))
 
     models, sources = evaluation["models"], evaluation["sources"]
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
@@ -557,9 +564,8 @@ def winrate_note(evaluation: dict[str, Any]) -> str:
 
 
 def winrate_markdown(evaluation: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(WINRATE_HEADER) + " |", "|" + "---|" * len(WINRATE_HEADER)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in winrate_rows(evaluation)]
-    return "# Win rates against the SFT policy\n\n" + "\n".join(lines) + "\n\n" + winrate_note(evaluation) + "\n"
+    table = markdown_table(WINRATE_HEADER, winrate_rows(evaluation))
+    return "# Win rates against the SFT policy\n\n" + table + "\n\n" + winrate_note(evaluation) + "\n"
 
 
 def plot_winrates(evaluation: dict[str, Any]) -> bytes:

@@ -10,7 +10,8 @@ a stage: it has no manifest and is rewritten whole on every call. Contents:
 - breadth's `cluster_sizes.png`; every PNG of `depth/` (pairs per prompt, cluster sizes);
 - training: `beta`, `beta/M0`, `rewards/margins` and `filter/kept_fraction` per step of `train` and of
   every variant `train-<name>` (their `metrics.jsonl`) in `training.png`, and a table of final metrics;
-- reward models: the reward stage's `report/reward.md` table and its plots (reliability, rewards, lambda);
+- reward models: the reward stage's table, from its manifest's `evaluation` (`raybpo.evaluate.reward_table`, the
+  table of `reward/report/reward.md`), and its plots (reliability, rewards, lambda);
 - evaluation: the win-rate table of `evaluate/evaluation.json` (`raybpo.evaluate.winrate_rows`: the same
   numbers as `evaluate/winrates.md`) and `winrates.png`.
 Images are copied into `report/` and linked by relative name, so the folder can be moved and opened
@@ -29,9 +30,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from raybpo.evaluate import WINRATE_HEADER, winrate_note, winrate_rows
+from raybpo.evaluate import WINRATE_HEADER, reward_table, winrate_note, winrate_rows
 from raybpo.plots import png_bytes
 from raybpo.rundir import MANIFEST, RunDir
+from raybpo.tables import markdown_table
 
 REPORT = "report"
 STAGES = ("ingest", "sft", "reward", "breadth", "generate", "score", "depth", "train", "evaluate", "tune")
@@ -87,9 +89,7 @@ def to_markdown(blocks: list[Block]) -> str:
         elif isinstance(block, Text):
             out.append(block.text)
         elif isinstance(block, Table):
-            lines = ["| " + " | ".join(block.header) + " |", "|" + "---|" * len(block.header)]
-            lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in block.rows]
-            out.append("\n".join(lines))
+            out.append(markdown_table(block.header, block.rows))
         elif isinstance(block, Image):
             out.append(f"![{block.caption}]({block.name})")
         else:
@@ -118,15 +118,6 @@ def to_html(blocks: list[Block], title: str) -> str:
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(title)}</title>\n'
         f"<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(out) + "\n</body>\n</html>\n"
     )
-
-
-def markdown_table(text: str) -> Table | None:
-    """The first pipe table of a Markdown text (e.g. the reward stage's `reward.md`)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
-    if len(lines) < 2:
-        return None
-    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
-    return Table(tuple(cells[0]), cells[2:])
 
 
 def stage_folders(run_dir: RunDir) -> list[str]:
@@ -285,9 +276,9 @@ def write_report(run_dir: RunDir | str) -> tuple[str, str]:
 
     blocks.append(Heading("Reward models"))
     if "reward" in done:
-        if run_dir.exists("reward", "report", "reward.md"):
-            table = markdown_table(run_dir.read_bytes("reward/report/reward.md").decode())
-            blocks += [table] if table else []
+        if "evaluation" in manifests["reward"]:
+            header, rows = reward_table(manifests["reward"]["evaluation"])
+            blocks.append(Table(tuple(header), rows))
         blocks += [image(p, p) for p in _pngs(run_dir, "reward", "report")]
     else:
         blocks += not_run("reward")

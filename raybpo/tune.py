@@ -67,6 +67,7 @@ from raybpo.cluster import init_ray
 from raybpo.config import STAGE_ORDER, Config, ConfigError, TuneConfig, with_overrides
 from raybpo.pipeline import StageRun, planned_stages, run_pipeline
 from raybpo.rundir import MANIFEST, RunDir, package_versions
+from raybpo.tables import markdown_table
 from raybpo.train.dpo import FINAL_METRICS
 from raybpo.train.dpo import STAGE as TRAIN
 
@@ -459,11 +460,6 @@ def table(rows: list[TrialRow], cfg: Config) -> tuple[list[str], list[list[str]]
     return header, cells
 
 
-def markdown(header: list[str], cells: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]) + "\n"
-
-
 def write_outputs(cfg: Config, main: RunDir, rows: list[TrialRow], first: str, seconds: float) -> TuneSummary:
     """results.csv, results.md, best_config.yaml, summary.json, then manifest.json (last)."""
     best = rows[0] if rows and rows[0].status == FINISHED and rows[0].metric is not None else None
@@ -477,7 +473,7 @@ def write_outputs(cfg: Config, main: RunDir, rows: list[TrialRow], first: str, s
         else "no early stopping"
     )
     note = f"Ranked by {cfg.tune.metric} ({cfg.tune.mode}); {rule}; {early_column(cfg.tune)}: the last one reported."
-    text = f"# Tune: {len(rows)} trials\n\n{markdown(header, cells)}\n{note}\n"
+    text = f"# Tune: {len(rows)} trials\n\n{markdown_table(header, cells)}\n\n{note}\n"
     main.write_bytes(f"{TUNE}/results.md", text.encode())
     outputs = {"results": "results.csv", "table": "results.md", "summary": "summary.json"}
     if best is not None:
