@@ -51,7 +51,7 @@ from raybpo.data import benchmark
 from raybpo.data.schema import prompt_key
 from raybpo.losses import expected_calibration_error, preference_accuracy
 from raybpo.models.reward import encode_texts, load_reward_model
-from raybpo.plots import png_bytes
+from raybpo.plots import png_bytes, pyplot
 from raybpo.rundir import (
     MANIFEST,
     RunDir,
@@ -171,10 +171,7 @@ def reward_markdown(evaluation: dict[str, Any]) -> str:
 
 def write_reward_report(evaluation: dict[str, Any], out: Path) -> None:
     """reward.json, reward.md, reliability.png and rewards.png in `out`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "reward.json").write_text(json.dumps(summary(evaluation), indent=2, sort_keys=True))
@@ -190,8 +187,7 @@ def write_reward_report(evaluation: dict[str, Any], out: Path) -> None:
         ax.set(title=f"{name} (ECE {m['ece']:.3f})", xlabel="confidence sigmoid(|r_w - r_l|)", ylabel="accuracy")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=100)
-    plt.close(fig)
+    (out / "reliability.png").write_bytes(png_bytes(fig))
 
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.5), squeeze=False)
     for ax, (name, m) in zip(axes[0], models.items(), strict=True):
@@ -200,8 +196,7 @@ def write_reward_report(evaluation: dict[str, Any], out: Path) -> None:
         ax.set(title=f"{name}: rewards (drift {m['reward_drift']:.2f})", xlabel="reward")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "rewards.png", dpi=100)
-    plt.close(fig)
+    (out / "rewards.png").write_bytes(png_bytes(fig))
 
 
 def reliability(margins: np.ndarray, bins: int = 10) -> tuple[list[float], list[float]]:
@@ -219,10 +214,7 @@ def reliability(margins: np.ndarray, bins: int = 10) -> tuple[list[float], list[
 
 def plot_lambda(history: list[dict[str, float]], path: Path) -> None:
     """MORE's lambda per source over training steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = sorted({k for h in history for k in h if k.startswith("lambda/")})
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -232,8 +224,7 @@ def plot_lambda(history: list[dict[str, float]], path: Path) -> None:
     ax.set(title="MORE loss weights", xlabel="step", ylabel="lambda", ylim=(0, 1))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    path.write_bytes(png_bytes(fig))
 
 
 # -- policies: win rates against the SFT policy --------------------------------------------------------------
@@ -570,10 +561,7 @@ def winrate_markdown(evaluation: dict[str, Any]) -> str:
 
 def plot_winrates(evaluation: dict[str, Any]) -> bytes:
     """Horizontal bars of the win rates with their intervals, and the 0.5 line (PNG bytes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     policies = evaluation["policies"]
     labels = [f"{p['name']}\n{p['pairs']} pairs, {p['prompts']} prompts" for p in policies]

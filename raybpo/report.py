@@ -31,7 +31,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from raybpo.evaluate import WINRATE_HEADER, reward_table, winrate_note, winrate_rows
-from raybpo.plots import png_bytes
+from raybpo.plots import png_bytes, pyplot
 from raybpo.rundir import MANIFEST, RunDir
 from raybpo.tables import markdown_table
 
@@ -180,10 +180,7 @@ def stage_blocks(run_dir: RunDir, stages: list[str], manifests: dict[str, dict |
 
 def plot_training(histories: dict[str, list[dict[str, Any]]]) -> bytes:
     """beta, beta/M0, rewards/margins and filter/kept_fraction per step, one line per train stage (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 6))
     for ax, metric in zip(axes.flat, TRAINING_METRICS, strict=True):

@@ -72,7 +72,7 @@ from raybpo.models.gradients import (
 from raybpo.models.loading import load_causal_lm
 from raybpo.models.logps import collate_pairs
 from raybpo.models.tokenize import TokenizationError, encode_pair
-from raybpo.plots import png_bytes
+from raybpo.plots import png_bytes, pyplot
 from raybpo.projection import RademacherProjection
 from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
 from raybpo.train.dpo import add_lora, reference_model
@@ -363,10 +363,7 @@ PAIR_TEXT = ("prompt", "chosen", "rejected")
 
 def plot_pairs_per_prompt(allocations: dict[str, np.ndarray]) -> bytes:
     """PNG: histogram of pairs per prompt for each selection (BPO's dynamic depth against the baselines)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     top = max(int(a.max()) for a in allocations.values() if len(a))
