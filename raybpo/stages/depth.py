@@ -71,11 +71,12 @@ from raybpo.models.gradients import (
 )
 from raybpo.models.loading import load_causal_lm
 from raybpo.models.logps import collate_pairs
+from raybpo.models.lora import add_lora
 from raybpo.models.tokenize import TokenizationError, encode_pair
 from raybpo.plots import png_bytes, pyplot
 from raybpo.projection import RademacherProjection
 from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
-from raybpo.train.dpo import add_lora, reference_model
+from raybpo.train.dpo import reference_model
 
 log = logging.getLogger(__name__)
 

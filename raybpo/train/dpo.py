@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
@@ -23,6 +23,7 @@ from raybpo.config import Config, PolicyConfig, TrainConfig
 from raybpo.losses import BetaDPO, dpo_logits, dpo_loss, ipo_loss
 from raybpo.models.loading import load_causal_lm, load_tokenizer
 from raybpo.models.logps import collate_pairs, pair_logps
+from raybpo.models.lora import ADAPTER_WEIGHTS, add_lora
 from raybpo.rundir import (
     MANIFEST,
     RunDir,
@@ -37,23 +38,6 @@ from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_traine
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
 
 STAGE = "train"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def lora_config(cfg: TrainConfig) -> LoraConfig:
-    """LoRA adapters on `cfg.lora_target_modules`, no dropout (exact and reproducible), no bias."""
-    return LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        target_modules=list(cfg.lora_target_modules),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    return get_peft_model(model, lora_config(cfg))
 
 
 class DpoRecipe(Recipe):

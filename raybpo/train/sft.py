@@ -24,9 +24,9 @@ from raybpo.cluster import init_ray
 from raybpo.config import Config, PolicyConfig, SftConfig, TrainConfig
 from raybpo.models.loading import load_causal_lm, load_tokenizer
 from raybpo.models.logps import collate, token_logps
+from raybpo.models.lora import ADAPTER_WEIGHTS, add_lora
 from raybpo.models.tiny import build_tiny_model
 from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
-from raybpo.train.dpo import ADAPTER_WEIGHTS, add_lora
 from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
 
