@@ -49,6 +49,7 @@ from raybpo.cluster import init_ray
 from raybpo.config import Config, ConfigError, GenerateConfig, RewardConfig, VariantSpec, with_overrides
 from raybpo.data import benchmark
 from raybpo.data.schema import prompt_key
+from raybpo.data.splits import split_of
 from raybpo.losses import expected_calibration_error, preference_accuracy
 from raybpo.models.reward import encode_texts, load_reward_model
 from raybpo.plots import png_bytes, pyplot
@@ -66,7 +67,6 @@ from raybpo.stages.generate import HfGenerator
 from raybpo.stages.score import SCORED, JudgeScorer, RewardModelScorer, oracle_batch, scorer_model
 from raybpo.tables import markdown_table
 from raybpo.train.dpo import reference_model, run_train
-from raybpo.train.prepare import split_of
 
 SCORE_BATCH = 32
 

@@ -23,6 +23,7 @@ from raybpo import evaluate
 from raybpo.config import Config, ConfigError, TinyModelConfig, load_config
 from raybpo.data import benchmark
 from raybpo.data.schema import make_pair_id, prompt_key
+from raybpo.data.splits import split_of
 from raybpo.evaluate import (
     BASELINE,
     Judge,
@@ -43,7 +44,6 @@ from raybpo.rundir import RunDir, StageCounts, StageMissingError, run_stage
 from raybpo.stages.ingest import ingest
 from raybpo.stages.score import oracle_batch
 from raybpo.train.dpo import run_train
-from raybpo.train.prepare import split_of
 from raybpo.train.reward import read_pairs
 
 # -- the win rate ---------------------------------------------------------------------------------------------

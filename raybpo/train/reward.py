@@ -16,7 +16,6 @@ model is a Hugging Face sequence-classification folder: `<run_dir>/reward/model/
 from __future__ import annotations
 
 import functools
-import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,12 @@ from torch import nn
 
 from raybpo.cluster import init_ray
 from raybpo.config import Config, LoopConfig, RewardConfig
+from raybpo.data.splits import judge_half, split_of
 from raybpo.evaluate import evaluate_reward_models, plot_lambda, summary, write_reward_report
 from raybpo.losses import MoreWeighting, bradley_terry_head_grads, bradley_terry_loss
 from raybpo.models.reward import encode_texts, load_reward_model, pooled_and_rewards, reward_head
 from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
 from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl, unwrap
-from raybpo.train.prepare import split_of
 
 STAGE = "reward"
 WEIGHTS = "model.safetensors"
@@ -50,11 +49,6 @@ def read_pairs(run_dir: RunDir, sources: list[str] | None = None) -> dict[str, l
         keep = [i for i, s in enumerate(columns["source"]) if s in sources]
         columns = {k: [v[i] for i in keep] for k, v in columns.items()}
     return columns
-
-
-def judge_half(pair_id: str) -> int:
-    """0 or 1, a stable half of the pair ids independent of the eval split: `reward.judge_model`'s two halves."""
-    return hashlib.sha256(f"judge:{pair_id}".encode()).digest()[0] % 2
 
 
 def resample(rows: list[int], size: int, rng: np.random.Generator) -> list[int]:
