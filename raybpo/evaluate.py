@@ -13,8 +13,8 @@ overrides), each against the SFT policy (the reference of training) on held-out 
   distinct prompts of the ingested pairs in the `eval` split (`train.eval_fraction`) that no training-split
   pair shares; the first `evaluate.num_prompts` of them;
 - samples: `evaluate.samples_per_prompt` per prompt and policy, sample i of a prompt drawn with the seed
-  `sample_seed(seed, prompt_key, i)` by every policy (the generate stage's `HfGenerator` in a Ray Data
-  actor pool), so each comparison is paired;
+  `sample_seed(seed, prompt_key, i)` by every policy (`raybpo.models.generation.PolicySampler`, the generate
+  stage's `HfGenerator` for each policy, in a Ray Data actor pool), so each comparison is paired;
 - judge (`evaluate.judge`): `oracle` (the benchmark's ground truth, `benchmark.mean_utility`),
   `reward_model` or `judge` (an LLM judge), the score stage's scorers, scoring every response alone;
 - outcome of a comparison: 1 when the policy's response scores higher than the SFT response of the same
@@ -51,6 +51,7 @@ from raybpo.data import benchmark
 from raybpo.data.schema import prompt_key
 from raybpo.data.splits import split_of
 from raybpo.losses import expected_calibration_error, preference_accuracy
+from raybpo.models.generation import PolicySampler
 from raybpo.models.reward import encode_texts, load_reward_model
 from raybpo.plots import png_bytes, pyplot
 from raybpo.rundir import (
@@ -63,7 +64,6 @@ from raybpo.rundir import (
     run_stage,
     stage_identity,
 )
-from raybpo.stages.generate import HfGenerator
 from raybpo.stages.score import SCORED, JudgeScorer, RewardModelScorer, oracle_batch, scorer_model
 from raybpo.tables import markdown_table
 from raybpo.train.dpo import reference_model, run_train
@@ -379,28 +379,6 @@ def loss_settings(manifest: dict[str, Any]) -> dict[str, Any]:
     if train["alpha"] == 0 and train["rho"] == 1:
         return {**settings, "loss_label": f"{loss} ({beta0})"}
     return {**settings, "loss_label": f"beta-{loss} (alpha={train['alpha']:g}, rho={train['rho']:g}, {beta0})"}
-
-
-class PolicySampler:
-    """Ray Data actor: rows (policy, model, prompt, prompt_key) -> `HfGenerator`'s seeded samples of each.
-
-    One model is held at a time; the rows come in one block per policy, so an actor loads each model about once.
-    The `origin` column names the policy that wrote the response.
-    """
-
-    def __init__(self, policy: dict, generate: dict, seed: int):
-        self.args = (policy, generate, seed)
-        self.loaded: tuple[str, HfGenerator] | None = None
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for name, model in dict.fromkeys(zip(batch["policy"].to_pylist(), batch["model"].to_pylist(), strict=True)):
-            if self.loaded is None or self.loaded[0] != model:
-                self.loaded = (model, HfGenerator(model, *self.args))
-            samples = self.loaded[1](batch.filter(pc.equal(batch["policy"], name)))
-            index = samples.schema.get_field_index("origin")
-            out.append(samples.set_column(index, "origin", pa.array([name] * samples.num_rows, pa.string())))
-        return pa.concat_tables(out)
 
 
 def sampling_config(cfg: Config) -> GenerateConfig:

@@ -1,12 +1,17 @@
 """The `score` stage (Ray Data): a scalar per candidate, then candidate pairs (docs/ALGORITHMS.md 3.2).
 
-Scorers, one interface (`scorer.score(prompts, responses) -> (scores, reasons)`):
-- `reward_model`: an actor pool of a one-output sequence-classification model (`score.reward_model`,
-  default the reward stage's `reward/model/`, e.g. the MORE-trained one);
-- `judge`: an LLM judge at an OpenAI-compatible URL (`raybpo.scoring.judge.JudgeClient`: concurrent,
-  rate-limited, retried; the API key from the environment variable named in the config);
-- `oracle`: the built-in benchmark's ground-truth utility (its source average). It exists only for
-  the benchmark and is labelled `oracle` in the manifest and the pairs' `source`.
+Scorers, one interface: a Ray Data `map_batches` callable taking a pyarrow batch of candidates (prompt,
+response, ...) to the same rows as `SCORED`, each with its `score` and a `reason` ("" when scored; a failed
+judgement keeps a null score and its reason):
+- `reward_model` (`RewardModelScorer`, an actor): a one-output sequence-classification model
+  (`score.reward_model`, default the reward stage's `reward/model/`, e.g. the MORE-trained one);
+- `judge` (`JudgeScorer`, one actor holding one client): an LLM judge at an OpenAI-compatible URL
+  (`raybpo.scoring.judge.JudgeClient.score_many`: concurrent, rate-limited, retried; the API key from the
+  environment variable named in the config);
+- `oracle` (`oracle_batch`, a function): the built-in benchmark's ground-truth utility (its source average).
+  It exists only for the benchmark and is labelled `oracle` in the manifest and the pairs' `source`.
+The evaluate stage judges policies' responses with the same scorers.
+
 A candidate whose judgement fails for good is quarantined (`score/quarantine/`) with its reason; the
 rest are paired per prompt by `uniform_pairs` (rank i with rank n+1-i) or `all_pairs`, dropping
 pairs whose score gap is below `score.min_gap`, and written as canonical pairs
