@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from raybpo.artifacts import WINRATES_TABLE, relpath
 from raybpo.config import FORMATS, STAGE_ORDER, Config, ConfigError, SourceSpec, load_config
 from raybpo.data.export import export_trl
 from raybpo.evaluate import reward_markdown, run_evaluate
@@ -75,8 +76,8 @@ def _print_result(result: StageResult, run_dir: str) -> None:
         print(f"  {name}: {value:.4g}")
     for reason, count in m["quarantine_reasons"].items():
         print(f"    {reason}: {count}")
-    for name, relpath in m.get("outputs", {}).items():
-        print(f"  {name}: {run_dir.rstrip('/')}/{m['stage']}/{relpath}")
+    for name, output in m.get("outputs", {}).items():
+        print(f"  {name}: {run_dir.rstrip('/')}/{m['stage']}/{output}")
     print(f"  manifest: {run_dir.rstrip('/')}/{m['stage']}/manifest.json")
 
 
@@ -113,9 +114,9 @@ def _run_pipeline(cfg: Config, from_stage: str | None = None, until_stage: str |
 
     result = run_pipeline(cfg, from_stage, until_stage, on_stage=progress)
     print("\n" + summary_table(result))
-    winrates = RunDir(cfg.run_dir)
-    if result.report and winrates.exists("evaluate", "winrates.md"):
-        print("\n" + winrates.read_bytes("evaluate/winrates.md").decode())
+    run_dir = RunDir(cfg.run_dir)
+    if result.report and run_dir.exists(*WINRATES_TABLE):
+        print("\n" + run_dir.read_bytes(relpath(WINRATES_TABLE)).decode())
 
 
 def cmd_run(args: argparse.Namespace) -> None:

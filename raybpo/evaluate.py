@@ -40,11 +40,31 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import torch
 
+from raybpo import artifacts
+from raybpo.artifacts import (
+    BENCHMARK_EVAL_PROMPTS,
+    COMPARISONS_FILE,
+    EVALUATE,
+    EVALUATE_QUARANTINE,
+    EVALUATION,
+    INGEST,
+    INGESTED_PAIRS,
+    JUDGEMENTS_QUARANTINE,
+    WINRATES_PLOT,
+    WINRATES_TABLE,
+    in_stage,
+    ingested_pairs,
+    judge_model,
+    prepared_inputs,
+    read_table,
+    reference_model,
+    relpath,
+    trained_pairs,
+)
 from raybpo.cluster import init_ray
 from raybpo.config import Config, ConfigError, GenerateConfig, RewardConfig, VariantSpec, with_overrides
 from raybpo.data import benchmark
@@ -58,15 +78,14 @@ from raybpo.rundir import (
     MANIFEST,
     RunDir,
     StageCounts,
-    StageMissingError,
     StageResult,
     require_stage,
     run_stage,
     stage_identity,
 )
-from raybpo.stages.score import SCORED, JudgeScorer, RewardModelScorer, oracle_batch, scorer_model
+from raybpo.stages.score import SCORED, JudgeScorer, RewardModelScorer, oracle_batch
 from raybpo.tables import markdown_table
-from raybpo.train.dpo import reference_model, run_train
+from raybpo.train.dpo import run_train
 
 SCORE_BATCH = 32
 
@@ -229,7 +248,7 @@ def plot_lambda(history: list[dict[str, float]], path: Path) -> None:
 
 # -- policies: win rates against the SFT policy --------------------------------------------------------------
 
-STAGE = "evaluate"
+STAGE = EVALUATE
 BASELINE = "sft"
 MAIN = "train"
 WIN, TIE, LOSS = 1.0, 0.5, 0.0
@@ -296,15 +315,13 @@ def variant_config(cfg: Config, name: str, spec: VariantSpec) -> Config:
 
 def held_out_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[str], str]:
     """The prompts to evaluate on (see the module docstring) and where they come from; at most `num_prompts`."""
-    require_stage(run_dir, "ingest")
-    relpath = f"ingest/benchmark/{benchmark.EVAL_PROMPTS}"
-    if run_dir.exists(relpath):
-        lines = run_dir.read_bytes(relpath).decode().splitlines()
-        prompts, source = [json.loads(line)["prompt"] for line in lines if line.strip()], relpath
+    require_stage(run_dir, INGEST)
+    if run_dir.exists(*BENCHMARK_EVAL_PROMPTS):
+        source = relpath(BENCHMARK_EVAL_PROMPTS)
+        lines = run_dir.read_bytes(source).decode().splitlines()
+        prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
     else:
-        table = pads.dataset(run_dir.path("ingest", "pairs"), filesystem=run_dir.fs).to_table(
-            columns=["pair_id", "prompt"]
-        )
+        table = ingested_pairs(run_dir, ["pair_id", "prompt"])
         split = {"train": set(), "eval": set()}
         by_key: dict[str, str] = {}
         for pair_id, prompt in zip(table["pair_id"].to_pylist(), table["prompt"].to_pylist(), strict=True):
@@ -312,7 +329,10 @@ def held_out_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[str], str]:
             split[split_of(pair_id, cfg.train.eval_fraction)].add(key)
             by_key.setdefault(key, prompt)
         prompts = [by_key[k] for k in sorted(split["eval"] - split["train"])]
-        source = f"ingest/pairs, eval split (train.eval_fraction={cfg.train.eval_fraction:g}) without training prompts"
+        source = (
+            f"{relpath(INGESTED_PAIRS)}, eval split (train.eval_fraction={cfg.train.eval_fraction:g}) "
+            "without training prompts"
+        )
     distinct: dict[str, str] = {}
     for prompt in prompts:
         distinct.setdefault(prompt_key(prompt), prompt)
@@ -334,35 +354,22 @@ class Policy:
 
 def trained_policy(run_dir: RunDir, stage: str, variant: str | None = None) -> Policy:
     """The merged policy a finished train stage wrote (a clear error when it wrote none)."""
-    manifest = require_stage(run_dir, stage)
-    if not run_dir.exists(stage, "policy", "merged"):
-        raise StageMissingError(
-            f"{run_dir.uri_of(stage)} has no merged policy (policy/merged/): rerun it with train.merge=true"
-        )
-    return Policy(stage, variant, run_dir.local_dir(stage, "policy", "merged"), manifest)
-
-
-def _input_parts(manifest: dict[str, Any]) -> tuple[str, ...]:
-    """A train stage's input pairs folder, relative to the run dir (the manifest holds its full path)."""
-    parts = manifest["pairs"]["input"].rstrip("/").split("/")
-    return tuple(parts[-3:]) if parts[-3:-1] == ["depth", "selections"] else tuple(parts[-2:])
+    source = artifacts.trained_policy(run_dir, stage)
+    return Policy(stage, variant, source.local(), source.manifest)
 
 
 def trained_selection(manifest: dict[str, Any]) -> str:
     """Which pairs a train stage used: `ingested` (all of them) or the depth stage's selection (bpo, random, ...)."""
-    parts = _input_parts(manifest)
-    return "ingested" if parts == ("ingest", "pairs") else parts[-1]
+    parts = trained_pairs(manifest)
+    return "ingested" if parts == INGESTED_PAIRS else parts[-1]
 
 
 def data_budget(run_dir: RunDir, stage: str) -> tuple[int, int]:
     """(pairs, distinct prompts) a train stage trained on: its prepared training-split pairs that fit."""
-    prepared = pads.dataset(run_dir.path(stage, "prepared"), filesystem=run_dir.fs).to_table(
-        columns=["pair_id", "split", "reason"]
-    )
+    prepared = read_table(run_dir, prepared_inputs(stage), ["pair_id", "split", "reason"])
     used = prepared.filter(pc.and_(pc.equal(prepared["split"], "train"), pc.equal(prepared["reason"], "")))
     ids = set(used["pair_id"].to_pylist())
-    inputs = run_dir.path(*_input_parts(run_dir.read_json(f"{stage}/{MANIFEST}")))
-    pairs = pads.dataset(inputs, filesystem=run_dir.fs).to_table(columns=["pair_id", "prompt"])
+    pairs = read_table(run_dir, trained_pairs(run_dir.read_json(f"{stage}/{MANIFEST}")), ["pair_id", "prompt"])
     prompts = {
         prompt_key(p)
         for i, p in zip(pairs["pair_id"].to_pylist(), pairs["prompt"].to_pylist(), strict=True)
@@ -410,14 +417,8 @@ class Judge:
 def judge_setup(cfg: Config, run_dir: RunDir) -> Judge:
     """The judge `evaluate.judge` names, with what identifies it in the manifest (never an API key)."""
     if cfg.evaluate.judge == "reward_model":
-        if cfg.evaluate.reward_model:
-            model, identity = cfg.evaluate.reward_model, f"external:{cfg.evaluate.reward_model}"
-        elif run_dir.exists("reward", "judge"):  # reward.judge_model: the half that scored no candidates
-            identity = f"{stage_identity(require_stage(run_dir, 'reward'))}#judge"
-            model = run_dir.local_dir("reward", "judge")
-        else:
-            model, manifest = scorer_model(cfg, run_dir)
-            identity = stage_identity(manifest)
+        source = judge_model(cfg, run_dir)
+        model, identity = source.local(), source.identity
         args = {"model": model, "max_length": cfg.reward.max_length}
         return Judge(RewardModelScorer, args, f"{identity}#max_length={cfg.reward.max_length}", f"reward model {model}")
     if cfg.evaluate.judge == "judge":
@@ -601,7 +602,8 @@ def policy_result(run_dir: RunDir, policy: Policy, comparisons: pa.Table, confid
 def run_evaluate(cfg: Config) -> StageResult:
     """The `evaluate` stage: train the variants (their own stages), then win rates vs SFT into `evaluate/`."""
     run_dir = RunDir(cfg.run_dir)
-    baseline, baseline_manifest = reference_model(cfg, run_dir)
+    reference = reference_model(cfg, run_dir)
+    baseline, baseline_manifest = reference.local(), reference.manifest
     policies = [trained_policy(run_dir, MAIN)]
     for name, spec in cfg.evaluate.variants.items():
         stage = f"{MAIN}-{name}"
@@ -610,7 +612,7 @@ def run_evaluate(cfg: Config) -> StageResult:
     prompts, prompt_source = held_out_prompts(cfg, run_dir)
     judge = judge_setup(cfg, run_dir)
     inputs = {
-        "prompts": stage_identity(require_stage(run_dir, "ingest")),
+        "prompts": stage_identity(require_stage(run_dir, INGEST)),
         BASELINE: stage_identity(baseline_manifest),
         **{p.stage: stage_identity(p.manifest) for p in policies},
         "judge": judge.identity,
@@ -632,14 +634,14 @@ def run_evaluate(cfg: Config) -> StageResult:
             "interval": "normal interval on the mean outcome (win 1, tie 0.5, loss 0), sample std, clipped to [0, 1]",
             "policies": rows,
         }
-        run_dir.write_json(f"{STAGE}/evaluation.json", evaluation)
-        run_dir.write_bytes(f"{STAGE}/winrates.md", winrate_markdown(evaluation).encode())
-        run_dir.write_bytes(f"{STAGE}/winrates.png", plot_winrates(evaluation))
-        pq.write_table(comparisons, run_dir.path(STAGE, "comparisons.parquet"), filesystem=run_dir.fs)
+        run_dir.write_json(relpath(EVALUATION), evaluation)
+        run_dir.write_bytes(relpath(WINRATES_TABLE), winrate_markdown(evaluation).encode())
+        run_dir.write_bytes(relpath(WINRATES_PLOT), plot_winrates(evaluation))
+        pq.write_table(comparisons, run_dir.path(*COMPARISONS_FILE), filesystem=run_dir.fs)
         failed = responses.filter(pc.not_equal(responses["reason"], ""))
         if failed.num_rows:
-            run_dir.makedirs(STAGE, "quarantine")
-            pq.write_table(failed, run_dir.path(STAGE, "quarantine", "judgements.parquet"), filesystem=run_dir.fs)
+            run_dir.makedirs(*EVALUATE_QUARANTINE)
+            pq.write_table(failed, run_dir.path(*JUDGEMENTS_QUARANTINE), filesystem=run_dir.fs)
         reasons = Counter(r for r in comparisons["reason"].to_pylist() if r)
         main = rows[0]
         return StageCounts(
@@ -658,11 +660,11 @@ def run_evaluate(cfg: Config) -> StageResult:
                     for r in rows
                 },
                 "outputs": {
-                    "evaluation": "evaluation.json",
-                    "table": "winrates.md",
-                    "plot": "winrates.png",
-                    "comparisons": "comparisons.parquet",
-                    **({"quarantine": "quarantine/"} if failed.num_rows else {}),
+                    "evaluation": in_stage(EVALUATION),
+                    "table": in_stage(WINRATES_TABLE),
+                    "plot": in_stage(WINRATES_PLOT),
+                    "comparisons": in_stage(COMPARISONS_FILE),
+                    **({"quarantine": in_stage(EVALUATE_QUARANTINE, folder=True)} if failed.num_rows else {}),
                 },
             },
         )

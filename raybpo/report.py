@@ -30,13 +30,33 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from raybpo.artifacts import (
+    BREADTH,
+    BREADTH_CLUSTER_SIZES,
+    DEPTH,
+    EVALUATE,
+    EVALUATION,
+    GENERATE,
+    INGEST,
+    REPORT,
+    REPORT_HTML,
+    REPORT_MARKDOWN,
+    REWARD,
+    REWARD_REPORT,
+    SCORE,
+    SFT,
+    TRAIN,
+    TUNE,
+    WINRATES_PLOT,
+    relpath,
+    training_metrics,
+)
 from raybpo.evaluate import WINRATE_HEADER, reward_table, winrate_note, winrate_rows
 from raybpo.plots import png_bytes, pyplot
 from raybpo.rundir import MANIFEST, RunDir
 from raybpo.tables import markdown_table
 
-REPORT = "report"
-STAGES = ("ingest", "sft", "reward", "breadth", "generate", "score", "depth", "train", "evaluate", "tune")
+STAGES = (INGEST, SFT, REWARD, BREADTH, GENERATE, SCORE, DEPTH, TRAIN, EVALUATE, TUNE)
 TRAINING_METRICS = ("beta", "beta/M0", "rewards/margins", "filter/kept_fraction")
 STAGE_METRICS = ("loss", "eval_loss", "win_rate")
 FINAL_COLUMNS = ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "beta", "filter/kept_fraction")
@@ -124,8 +144,8 @@ def stage_folders(run_dir: RunDir) -> list[str]:
     """The known stages in pipeline order, with the variants `train-<name>` found on disk after `train`."""
     infos = run_dir.fs.get_file_info(pafs.FileSelector(run_dir.root, allow_not_found=True))
     variants = sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
-    variants = [name for name in variants if name.startswith("train-")]
-    at = STAGES.index("train") + 1
+    variants = [name for name in variants if name.startswith(f"{TRAIN}-")]
+    at = STAGES.index(TRAIN) + 1
     return [*STAGES[:at], *variants, *STAGES[at:]]
 
 
@@ -211,9 +231,13 @@ def training_blocks(run_dir: RunDir, stages: list[str], manifests: dict[str, dic
     if not stages:
         return [*blocks, Text("Not run (train has no finished run).")]
     histories = {
-        stage: [json.loads(line) for line in run_dir.read_bytes(f"{stage}/metrics.jsonl").decode().splitlines() if line]
+        stage: [
+            json.loads(line)
+            for line in run_dir.read_bytes(relpath(training_metrics(stage))).decode().splitlines()
+            if line
+        ]
         for stage in stages
-        if run_dir.exists(stage, "metrics.jsonl")
+        if run_dir.exists(*training_metrics(stage))
     }
     if histories:
         run_dir.write_bytes(f"{REPORT}/training.png", plot_training(histories))
@@ -251,45 +275,45 @@ def write_report(run_dir: RunDir | str) -> tuple[str, str]:
     blocks: list[Block] = [Heading(f"raybpo report: {run_dir.uri}", 1), Text(f"Written {when} (UTC).")]
     blocks += stage_blocks(run_dir, stages, manifests)
 
-    def image(relpath: str, caption: str) -> Image:
-        name = relpath.replace("/", "-")
-        run_dir.write_bytes(f"{REPORT}/{name}", run_dir.read_bytes(relpath))
+    def image(source: str, caption: str) -> Image:
+        name = source.replace("/", "-")
+        run_dir.write_bytes(f"{REPORT}/{name}", run_dir.read_bytes(source))
         return Image(name, caption)
 
     def not_run(*needed: str) -> list[Block]:
         return [Text(f"Not run ({', '.join(needed)} has no finished run).")]
 
     blocks.append(Heading("Breadth: prompts and clusters"))
-    if "breadth" in done and run_dir.exists("breadth", "cluster_sizes.png"):
-        blocks.append(image("breadth/cluster_sizes.png", "breadth: cluster sizes and kept prompts per cluster"))
+    if BREADTH in done and run_dir.exists(*BREADTH_CLUSTER_SIZES):
+        blocks.append(image(relpath(BREADTH_CLUSTER_SIZES), "breadth: cluster sizes and kept prompts per cluster"))
     else:
-        blocks += not_run("breadth")
+        blocks += not_run(BREADTH)
 
     blocks.append(Heading("Depth: pairs per prompt"))
-    depth_images = _pngs(run_dir, "depth") if "depth" in done else []
-    blocks += [image(p, p) for p in depth_images] or not_run("depth")
+    depth_images = _pngs(run_dir, DEPTH) if DEPTH in done else []
+    blocks += [image(p, p) for p in depth_images] or not_run(DEPTH)
 
-    blocks += training_blocks(run_dir, [s for s in stages if s.startswith("train") and s in done], manifests)
+    blocks += training_blocks(run_dir, [s for s in stages if s.startswith(TRAIN) and s in done], manifests)
 
     blocks.append(Heading("Reward models"))
-    if "reward" in done:
-        if "evaluation" in manifests["reward"]:
-            header, rows = reward_table(manifests["reward"]["evaluation"])
+    if REWARD in done:
+        if "evaluation" in manifests[REWARD]:
+            header, rows = reward_table(manifests[REWARD]["evaluation"])
             blocks.append(Table(tuple(header), rows))
-        blocks += [image(p, p) for p in _pngs(run_dir, "reward", "report")]
+        blocks += [image(p, p) for p in _pngs(run_dir, *REWARD_REPORT)]
     else:
-        blocks += not_run("reward")
+        blocks += not_run(REWARD)
 
     blocks.append(Heading("Evaluation: win rates against the SFT policy"))
-    if "evaluate" in done:
-        evaluation = run_dir.read_json("evaluate/evaluation.json")
+    if EVALUATE in done:
+        evaluation = run_dir.read_json(relpath(EVALUATION))
         blocks += [Table(WINRATE_HEADER, winrate_rows(evaluation)), Text(winrate_note(evaluation))]
-        if run_dir.exists("evaluate", "winrates.png"):
-            blocks.append(image("evaluate/winrates.png", "win rates against SFT with their intervals"))
+        if run_dir.exists(*WINRATES_PLOT):
+            blocks.append(image(relpath(WINRATES_PLOT), "win rates against SFT with their intervals"))
     else:
-        blocks += not_run("evaluate")
+        blocks += not_run(EVALUATE)
 
     title = f"raybpo report: {run_dir.uri}"
-    run_dir.write_bytes(f"{REPORT}/report.md", to_markdown(blocks).encode())
-    run_dir.write_bytes(f"{REPORT}/report.html", to_html(blocks, title).encode())
-    return run_dir.uri_of(REPORT, "report.md"), run_dir.uri_of(REPORT, "report.html")
+    run_dir.write_bytes(relpath(REPORT_MARKDOWN), to_markdown(blocks).encode())
+    run_dir.write_bytes(relpath(REPORT_HTML), to_html(blocks, title).encode())
+    return run_dir.uri_of(*REPORT_MARKDOWN), run_dir.uri_of(*REPORT_HTML)

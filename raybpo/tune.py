@@ -63,15 +63,14 @@ import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from raybpo.artifacts import EVALUATE, TRAIN, TUNE
 from raybpo.cluster import init_ray
 from raybpo.config import STAGE_ORDER, Config, ConfigError, TuneConfig, with_overrides
 from raybpo.pipeline import StageRun, planned_stages, run_pipeline
 from raybpo.rundir import MANIFEST, RunDir, package_versions
 from raybpo.tables import markdown_table
 from raybpo.train.dpo import FINAL_METRICS
-from raybpo.train.dpo import STAGE as TRAIN
 
-TUNE = "tune"
 EXPERIMENT = "ray"  # Ray Tune's own folder below <run_dir>/tune/
 FINISHED, EARLY_STOPPED, FAILED = "finished", "early-stopped", "failed"
 EVALUATE_METRICS = ("win_rate", "ci_low", "ci_high")
@@ -122,7 +121,7 @@ def check_search(cfg: Config) -> str:
                 f"tune.search_space.{key}: none of the config's stages ({', '.join(planned)}) reads {section}.*"
             )
         firsts.append(readers[0])
-    metrics = {**dict.fromkeys(EVALUATE_METRICS, "evaluate"), **dict.fromkeys(FINAL_METRICS, TRAIN)}
+    metrics = {**dict.fromkeys(EVALUATE_METRICS, EVALUATE), **dict.fromkeys(FINAL_METRICS, TRAIN)}
     if cfg.tune.metric not in metrics:
         raise ConfigError(f"tune.metric {cfg.tune.metric!r} is not a final metric; choose one of {', '.join(metrics)}")
     if metrics[cfg.tune.metric] not in planned:
@@ -213,7 +212,7 @@ def seed_trial(main: RunDir, cfg: Config) -> list[str]:
 def final_metrics(run_dir: RunDir) -> dict[str, float]:
     """What a finished trial ends with: the train stage's final metrics, then the evaluate stage's."""
     metrics: dict[str, float] = {}
-    for stage in (TRAIN, "evaluate"):
+    for stage in (TRAIN, EVALUATE):
         if run_dir.exists(stage, MANIFEST):
             metrics.update(run_dir.read_json(f"{stage}/{MANIFEST}").get("final_metrics", {}))
     return metrics

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raybpo import evaluate
+from raybpo.artifacts import read_pairs
 from raybpo.config import Config, ConfigError, TinyModelConfig, load_config
 from raybpo.data import benchmark
 from raybpo.data.schema import make_pair_id, prompt_key
@@ -44,7 +45,6 @@ from raybpo.rundir import RunDir, StageCounts, StageMissingError, run_stage
 from raybpo.stages.ingest import ingest
 from raybpo.stages.score import oracle_batch
 from raybpo.train.dpo import run_train
-from raybpo.train.reward import read_pairs
 
 # -- the win rate ---------------------------------------------------------------------------------------------
 

@@ -18,22 +18,29 @@ Output `<run_dir>/generate/candidates/` (`CANDIDATE_SCHEMA`): prompt_key, prompt
 from __future__ import annotations
 
 import functools
-import posixpath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import ray
 
+from raybpo.artifacts import (
+    BREADTH,
+    BREADTH_PROMPTS,
+    CANDIDATES,
+    GENERATE,
+    in_stage,
+    ingested_pairs,
+    read_table,
+    reference_model,
+)
 from raybpo.cluster import init_ray
 from raybpo.config import Config, GenerateConfig
 from raybpo.data.schema import CANDIDATE_SCHEMA, prompt_key, prompt_messages
 from raybpo.models.generation import HfGenerator, sample_seed
 from raybpo.rundir import RunDir, StageCounts, StageResult, require_stage, run_stage, stage_identity
-from raybpo.train.dpo import reference_model
 
-STAGE = "generate"
+STAGE = GENERATE
 ROWS_PER_FILE = 250_000
 
 
@@ -108,14 +115,13 @@ def original_candidates(pairs: pa.Table, kept: dict[str, str], n: int) -> pa.Tab
 def run_generate(cfg: Config) -> StageResult:
     """The `generate` stage: candidates for the breadth stage's kept prompts into `generate/candidates/`."""
     run_dir = RunDir(cfg.run_dir)
-    breadth = require_stage(run_dir, "breadth")
-    model, reference = reference_model(cfg, run_dir)
-    inputs = {"breadth": stage_identity(breadth), "policy": stage_identity(reference)}
+    breadth = require_stage(run_dir, BREADTH)
+    reference = reference_model(cfg, run_dir)
+    model = reference.local()
+    inputs = {"breadth": stage_identity(breadth), "policy": reference.identity}
 
     def body(stage_path: str) -> StageCounts:
-        prompts = pads.dataset(run_dir.path("breadth", "prompts"), filesystem=run_dir.fs).to_table(
-            columns=["prompt", "prompt_key", "kept"]
-        )
+        prompts = read_table(run_dir, BREADTH_PROMPTS, ["prompt", "prompt_key", "kept"])
         prompts = prompts.filter(pc.field("kept")).select(["prompt", "prompt_key"]).sort_by("prompt_key")
         kept = dict(zip(prompts["prompt_key"].to_pylist(), prompts["prompt"].to_pylist(), strict=True))
         source = ray.data.from_arrow(prompts)
@@ -139,14 +145,10 @@ def run_generate(cfg: Config) -> StageResult:
                 num_cpus=cfg.generate.num_cpus,
                 num_gpus=cfg.generate.num_gpus,
             )
-        pairs = pads.dataset(run_dir.path("ingest", "pairs"), filesystem=run_dir.fs).to_table(
-            columns=["prompt", "chosen", "rejected"]
-        )
+        pairs = ingested_pairs(run_dir, ["prompt", "chosen", "rejected"])
         originals = original_candidates(pairs, kept, cfg.generate.n)
         candidates = sampled.union(ray.data.from_arrow(originals)).materialize()
-        candidates.write_parquet(
-            posixpath.join(stage_path, "candidates"), filesystem=run_dir.fs, min_rows_per_file=ROWS_PER_FILE
-        )
+        candidates.write_parquet(run_dir.path(*CANDIDATES), filesystem=run_dir.fs, min_rows_per_file=ROWS_PER_FILE)
         sampled_count = candidates.count() - originals.num_rows
         return StageCounts(
             rows_in=len(kept),
@@ -157,7 +159,7 @@ def run_generate(cfg: Config) -> StageResult:
                 "originals": originals.num_rows,
                 "backend": cfg.generate.backend,
                 "model": model,
-                "outputs": {"candidates": "candidates/"},
+                "outputs": {"candidates": in_stage(CANDIDATES, folder=True)},
             },
         )
 
