@@ -57,7 +57,6 @@ TUNE = "tune"
 INGESTED_PAIRS: Parts = (INGEST, "pairs")
 INGEST_QUARANTINE: Parts = (INGEST, "quarantine")
 BENCHMARK: Parts = (INGEST, "benchmark")
-BENCHMARK_EVAL_PROMPTS: Parts = (*BENCHMARK, EVAL_PROMPTS)
 
 SFT_BASE: Parts = (SFT, "base")  # the tiny policy built from the data, before training
 SFT_MODEL: Parts = (SFT, "model")
@@ -97,6 +96,14 @@ JUDGEMENTS_QUARANTINE: Parts = (*EVALUATE_QUARANTINE, "judgements.parquet")
 
 REPORT_MARKDOWN: Parts = (REPORT, "report.md")
 REPORT_HTML: Parts = (REPORT, "report.html")
+
+
+def benchmark_file(name: str) -> Parts:
+    """A file of the built-in benchmark (`raybpo.data.benchmark.generate`'s names) as the ingest stage wrote it."""
+    return (*BENCHMARK, name)
+
+
+BENCHMARK_EVAL_PROMPTS: Parts = benchmark_file(EVAL_PROMPTS)
 
 
 def reward_member(source: str) -> Parts:

@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from raybpo.artifacts import BENCHMARK, INGEST, INGEST_QUARANTINE, INGESTED_PAIRS, in_stage, relpath
+from raybpo.artifacts import INGEST, INGEST_QUARANTINE, INGESTED_PAIRS, benchmark_file, in_stage, relpath
 from raybpo.cluster import init_ray
 from raybpo.config import Config, SourceSpec
 from raybpo.data import benchmark
@@ -259,9 +259,9 @@ def _write_benchmark(cfg: Config, run_dir: RunDir) -> list[SourceSpec]:
     """Generate the built-in benchmark into `ingest/benchmark/`; its pair files become TRL sources."""
     specs = []
     for filename, data in benchmark.generate(cfg.benchmark).items():
-        run_dir.write_bytes(relpath((*BENCHMARK, filename)), data)
+        run_dir.write_bytes(relpath(benchmark_file(filename)), data)
         if filename != benchmark.EVAL_PROMPTS:
-            uri = run_dir.uri_of(*BENCHMARK, filename)
+            uri = run_dir.uri_of(*benchmark_file(filename))
             specs.append(SourceSpec(path=uri, format="trl", name=filename.removesuffix(".jsonl")))
     return specs
 
