@@ -19,8 +19,10 @@ to that node), never a path of the driver's. A model a stage loads is a `ModelSo
 artifact or an external name, with the identity the loading stage's manifest records for it. For now the
 stages resolve their models on the driver (`ModelSource.local()`) and pass the path to their workers.
 
-A stage writes its own outputs under the names defined here; no other module spells a path below a run
-directory (a stage's manifest lists its outputs relative to its folder, `in_stage`).
+Every stage folder, every output another module opens, and every output a stage's manifest lists (relative
+to its folder, `in_stage`) is named here, and the stages write their outputs under these names. Only files a
+module writes into its own folder for no other module to open by name keep their names there (tune's
+results tables, the reward report's files, the report's copied images).
 """
 
 from __future__ import annotations
