@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from raybpo.artifacts import WINRATES_TABLE, relpath
+from raybpo.artifacts import INGESTED_PAIRS, WINRATES_TABLE, relpath
 from raybpo.config import FORMATS, STAGE_ORDER, Config, ConfigError, SourceSpec, load_config
 from raybpo.data.export import export_trl
 from raybpo.evaluate import reward_markdown, run_evaluate
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("report", "write report/report.md and report.html from every finished stage", cmd_report)
     add("tune", "Ray Tune over any config keys (train + evaluate tail), ASHA early stopping", cmd_tune)
     export = commands.add_parser("export", help="write a pairs folder as TRL preference JSONL")
-    export.add_argument("pairs", help="a pairs folder, e.g. RUN_DIR/ingest/pairs")
+    export.add_argument("pairs", help=f"a pairs folder, e.g. RUN_DIR/{relpath(INGESTED_PAIRS)}")
     export.add_argument("out", help="output .jsonl path")
     export.set_defaults(handler=cmd_export)
     return parser
