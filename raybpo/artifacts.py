@@ -166,13 +166,6 @@ class Artifact:
     run_dir: str
     parts: Parts
 
-    @property
-    def relpath(self) -> str:
-        return relpath(self.parts)
-
-    def uri(self) -> str:
-        return RunDir(self.run_dir).uri_of(*self.parts)
-
     def local(self) -> str:
         """A local path holding it on this node: itself on a local run directory, else a downloaded copy."""
         return RunDir(self.run_dir).local_dir(*self.parts)
