@@ -50,12 +50,13 @@ from typing import Any
 
 import torch
 
+from raybpo.artifacts import Artifact, read_pairs, reward_member
 from raybpo.cli import DEMO_PRESET
 from raybpo.config import Config, load_config
 from raybpo.evaluate import evaluate_reward_models, summary
 from raybpo.rundir import RunDir
 from raybpo.stages.ingest import ingest
-from raybpo.train.reward import read_pairs, run_reward
+from raybpo.train.reward import run_reward
 from raybpo.train.sft import run_sft
 
 TRAINED_MODES = ("more", "multitask", "single")
@@ -112,7 +113,7 @@ def average_evaluation(cfg: Config) -> dict[str, Any]:
     """The `average` ensemble of a finished `single` run's models, evaluated as the stage's `average` mode does."""
     run_dir = RunDir(cfg.run_dir)
     pairs = read_pairs(run_dir)
-    members = [Path(run_dir.local_dir("reward", "models", s)) for s in sorted(set(pairs["source"]))]
+    members = [Path(Artifact(run_dir.uri, reward_member(s)).local()) for s in sorted(set(pairs["source"]))]
     return summary(evaluate_reward_models({"average": members}, pairs, cfg.reward))
 
 

@@ -11,9 +11,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from raybpo.artifacts import INGESTED_PAIRS, WINRATES_TABLE, relpath
 from raybpo.config import FORMATS, STAGE_ORDER, Config, ConfigError, SourceSpec, load_config
 from raybpo.data.export import export_trl
-from raybpo.evaluate import markdown_table, run_evaluate
+from raybpo.evaluate import reward_markdown, run_evaluate
 from raybpo.models.loading import ModelNotFoundError
 from raybpo.models.tokenize import TokenizationError
 from raybpo.pipeline import StageRun, run_pipeline, summary_table
@@ -75,8 +76,8 @@ def _print_result(result: StageResult, run_dir: str) -> None:
         print(f"  {name}: {value:.4g}")
     for reason, count in m["quarantine_reasons"].items():
         print(f"    {reason}: {count}")
-    for name, relpath in m.get("outputs", {}).items():
-        print(f"  {name}: {run_dir.rstrip('/')}/{m['stage']}/{relpath}")
+    for name, output in m.get("outputs", {}).items():
+        print(f"  {name}: {run_dir.rstrip('/')}/{m['stage']}/{output}")
     print(f"  manifest: {run_dir.rstrip('/')}/{m['stage']}/manifest.json")
 
 
@@ -93,7 +94,7 @@ def cmd_reward(args: argparse.Namespace) -> None:
     cfg = _config(args)
     result = run_reward(cfg)
     _print_result(result, cfg.run_dir)
-    print(markdown_table(result.manifest["evaluation"]))
+    print(reward_markdown(result.manifest["evaluation"]))
 
 
 def _stage_command(stage: Callable[[Config], StageResult]) -> Callable[[argparse.Namespace], None]:
@@ -113,9 +114,9 @@ def _run_pipeline(cfg: Config, from_stage: str | None = None, until_stage: str |
 
     result = run_pipeline(cfg, from_stage, until_stage, on_stage=progress)
     print("\n" + summary_table(result))
-    winrates = RunDir(cfg.run_dir)
-    if result.report and winrates.exists("evaluate", "winrates.md"):
-        print("\n" + winrates.read_bytes("evaluate/winrates.md").decode())
+    run_dir = RunDir(cfg.run_dir)
+    if result.report and run_dir.exists(*WINRATES_TABLE):
+        print("\n" + run_dir.read_bytes(relpath(WINRATES_TABLE)).decode())
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("report", "write report/report.md and report.html from every finished stage", cmd_report)
     add("tune", "Ray Tune over any config keys (train + evaluate tail), ASHA early stopping", cmd_tune)
     export = commands.add_parser("export", help="write a pairs folder as TRL preference JSONL")
-    export.add_argument("pairs", help="a pairs folder, e.g. RUN_DIR/ingest/pairs")
+    export.add_argument("pairs", help=f"a pairs folder, e.g. RUN_DIR/{relpath(INGESTED_PAIRS)}")
     export.add_argument("out", help="output .jsonl path")
     export.set_defaults(handler=cmd_export)
     return parser

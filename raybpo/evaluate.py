@@ -13,8 +13,8 @@ overrides), each against the SFT policy (the reference of training) on held-out 
   distinct prompts of the ingested pairs in the `eval` split (`train.eval_fraction`) that no training-split
   pair shares; the first `evaluate.num_prompts` of them;
 - samples: `evaluate.samples_per_prompt` per prompt and policy, sample i of a prompt drawn with the seed
-  `sample_seed(seed, prompt_key, i)` by every policy (the generate stage's `HfGenerator` in a Ray Data
-  actor pool), so each comparison is paired;
+  `sample_seed(seed, prompt_key, i)` by every policy (`raybpo.models.generation.PolicySampler`, the generate
+  stage's `HfGenerator` for each policy, in a Ray Data actor pool), so each comparison is paired;
 - judge (`evaluate.judge`): `oracle` (the benchmark's ground truth, `benchmark.mean_utility`),
   `reward_model` or `judge` (an LLM judge), the score stage's scorers, scoring every response alone;
 - outcome of a comparison: 1 when the policy's response scores higher than the SFT response of the same
@@ -40,33 +40,52 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import torch
-from pydantic import ValidationError
 
+from raybpo import artifacts
+from raybpo.artifacts import (
+    BENCHMARK_EVAL_PROMPTS,
+    COMPARISONS_FILE,
+    EVALUATE,
+    EVALUATE_QUARANTINE,
+    EVALUATION,
+    INGEST,
+    INGESTED_PAIRS,
+    JUDGEMENTS_QUARANTINE,
+    WINRATES_PLOT,
+    WINRATES_TABLE,
+    in_stage,
+    ingested_pairs,
+    judge_model,
+    prepared_inputs,
+    read_table,
+    reference_model,
+    relpath,
+    trained_pairs,
+)
 from raybpo.cluster import init_ray
-from raybpo.config import Config, ConfigError, GenerateConfig, RewardConfig, VariantSpec, apply_overrides
+from raybpo.config import Config, ConfigError, GenerateConfig, RewardConfig, VariantSpec, with_overrides
 from raybpo.data import benchmark
 from raybpo.data.schema import prompt_key
+from raybpo.data.splits import split_of
 from raybpo.losses import expected_calibration_error, preference_accuracy
+from raybpo.models.generation import PolicySampler
 from raybpo.models.reward import encode_texts, load_reward_model
-from raybpo.plots import png_bytes
+from raybpo.plots import png_bytes, pyplot
 from raybpo.rundir import (
     MANIFEST,
     RunDir,
     StageCounts,
-    StageMissingError,
     StageResult,
     require_stage,
     run_stage,
     stage_identity,
 )
-from raybpo.stages.generate import HfGenerator
-from raybpo.stages.score import SCORED, JudgeScorer, RewardModelScorer, oracle_batch, scorer_model
-from raybpo.train.dpo import reference_model, run_train
-from raybpo.train.prepare import split_of
+from raybpo.stages.score import SCORED, JudgeScorer, RewardModelScorer, oracle_batch
+from raybpo.tables import markdown_table
+from raybpo.train.dpo import run_train
 
 SCORE_BATCH = 32
 
@@ -146,10 +165,11 @@ def summary(evaluation: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def markdown_table(evaluation: dict[str, Any]) -> str:
+def reward_table(evaluation: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The reward-model table's header and cells, one row per model (of an evaluation or its `summary`)."""
     sources = evaluation["sources"]
     header = ["model", *[f"acc {s}" for s in sources], "mean acc", "worst acc", "ECE", "reward drift"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for name, m in evaluation["models"].items():
         cells = [name, *[f"{m['per_source'][s]['accuracy']:.3f}" for s in sources]]
         cells += [
@@ -158,21 +178,23 @@ def markdown_table(evaluation: dict[str, Any]) -> str:
             f"{m['ece']:.4f}",
             f"{m['reward_drift']:.3f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return header, rows
+
+
+def reward_markdown(evaluation: dict[str, Any]) -> str:
+    """The reward-model table and the held-out pairs per source."""
     pairs = ", ".join(f"{s}: {n}" for s, n in evaluation["eval_pairs"].items())
-    return "\n".join(lines) + f"\n\nHeld-out pairs per source: {pairs}.\n"
+    return markdown_table(*reward_table(evaluation)) + f"\n\nHeld-out pairs per source: {pairs}.\n"
 
 
 def write_reward_report(evaluation: dict[str, Any], out: Path) -> None:
     """reward.json, reward.md, reliability.png and rewards.png in `out`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "reward.json").write_text(json.dumps(summary(evaluation), indent=2, sort_keys=True))
-    (out / "reward.md").write_text("# Reward models\n\n" + markdown_table(evaluation))
+    (out / "reward.md").write_text("# Reward models\n\n" + reward_markdown(evaluation))
 
     models, sources = evaluation["models"], evaluation["sources"]
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
@@ -184,8 +206,7 @@ def write_reward_report(evaluation: dict[str, Any], out: Path) -> None:
         ax.set(title=f"{name} (ECE {m['ece']:.3f})", xlabel="confidence sigmoid(|r_w - r_l|)", ylabel="accuracy")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=100)
-    plt.close(fig)
+    (out / "reliability.png").write_bytes(png_bytes(fig))
 
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.5), squeeze=False)
     for ax, (name, m) in zip(axes[0], models.items(), strict=True):
@@ -194,8 +215,7 @@ def write_reward_report(evaluation: dict[str, Any], out: Path) -> None:
         ax.set(title=f"{name}: rewards (drift {m['reward_drift']:.2f})", xlabel="reward")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "rewards.png", dpi=100)
-    plt.close(fig)
+    (out / "rewards.png").write_bytes(png_bytes(fig))
 
 
 def reliability(margins: np.ndarray, bins: int = 10) -> tuple[list[float], list[float]]:
@@ -213,10 +233,7 @@ def reliability(margins: np.ndarray, bins: int = 10) -> tuple[list[float], list[
 
 def plot_lambda(history: list[dict[str, float]], path: Path) -> None:
     """MORE's lambda per source over training steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = sorted({k for h in history for k in h if k.startswith("lambda/")})
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -226,13 +243,12 @@ def plot_lambda(history: list[dict[str, float]], path: Path) -> None:
     ax.set(title="MORE loss weights", xlabel="step", ylabel="lambda", ylim=(0, 1))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    path.write_bytes(png_bytes(fig))
 
 
 # -- policies: win rates against the SFT policy --------------------------------------------------------------
 
-STAGE = "evaluate"
+STAGE = EVALUATE
 BASELINE = "sft"
 MAIN = "train"
 WIN, TIE, LOSS = 1.0, 0.5, 0.0
@@ -294,28 +310,18 @@ def win_rate(wins: int, ties: int, losses: int, confidence: float) -> WinRate:
 
 def variant_config(cfg: Config, name: str, spec: VariantSpec) -> Config:
     """The run's config with a variant's overrides applied (dotted keys, validated like the command line)."""
-    overrides = [f"{key}={json.dumps(value)}" for key, value in spec.overrides.items()]
-    where = f"evaluate.variants.{name}.overrides"
-    try:
-        return Config.model_validate(apply_overrides(cfg.model_dump(mode="json"), overrides))
-    except ValidationError as err:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{where}: {detail}") from None
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
+    return with_overrides(cfg, spec.overrides, f"evaluate.variants.{name}.overrides")
 
 
 def held_out_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[str], str]:
     """The prompts to evaluate on (see the module docstring) and where they come from; at most `num_prompts`."""
-    require_stage(run_dir, "ingest")
-    relpath = f"ingest/benchmark/{benchmark.EVAL_PROMPTS}"
-    if run_dir.exists(relpath):
-        lines = run_dir.read_bytes(relpath).decode().splitlines()
-        prompts, source = [json.loads(line)["prompt"] for line in lines if line.strip()], relpath
+    require_stage(run_dir, INGEST)
+    if run_dir.exists(*BENCHMARK_EVAL_PROMPTS):
+        source = relpath(BENCHMARK_EVAL_PROMPTS)
+        lines = run_dir.read_bytes(source).decode().splitlines()
+        prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
     else:
-        table = pads.dataset(run_dir.path("ingest", "pairs"), filesystem=run_dir.fs).to_table(
-            columns=["pair_id", "prompt"]
-        )
+        table = ingested_pairs(run_dir, ["pair_id", "prompt"])
         split = {"train": set(), "eval": set()}
         by_key: dict[str, str] = {}
         for pair_id, prompt in zip(table["pair_id"].to_pylist(), table["prompt"].to_pylist(), strict=True):
@@ -323,7 +329,10 @@ def held_out_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[str], str]:
             split[split_of(pair_id, cfg.train.eval_fraction)].add(key)
             by_key.setdefault(key, prompt)
         prompts = [by_key[k] for k in sorted(split["eval"] - split["train"])]
-        source = f"ingest/pairs, eval split (train.eval_fraction={cfg.train.eval_fraction:g}) without training prompts"
+        source = (
+            f"{relpath(INGESTED_PAIRS)}, eval split (train.eval_fraction={cfg.train.eval_fraction:g}) "
+            "without training prompts"
+        )
     distinct: dict[str, str] = {}
     for prompt in prompts:
         distinct.setdefault(prompt_key(prompt), prompt)
@@ -345,35 +354,22 @@ class Policy:
 
 def trained_policy(run_dir: RunDir, stage: str, variant: str | None = None) -> Policy:
     """The merged policy a finished train stage wrote (a clear error when it wrote none)."""
-    manifest = require_stage(run_dir, stage)
-    if not run_dir.exists(stage, "policy", "merged"):
-        raise StageMissingError(
-            f"{run_dir.uri_of(stage)} has no merged policy (policy/merged/): rerun it with train.merge=true"
-        )
-    return Policy(stage, variant, run_dir.local_dir(stage, "policy", "merged"), manifest)
-
-
-def _input_parts(manifest: dict[str, Any]) -> tuple[str, ...]:
-    """A train stage's input pairs folder, relative to the run dir (the manifest holds its full path)."""
-    parts = manifest["pairs"]["input"].rstrip("/").split("/")
-    return tuple(parts[-3:]) if parts[-3:-1] == ["depth", "selections"] else tuple(parts[-2:])
+    source = artifacts.trained_policy(run_dir, stage)
+    return Policy(stage, variant, source.local(), source.manifest)
 
 
 def trained_selection(manifest: dict[str, Any]) -> str:
     """Which pairs a train stage used: `ingested` (all of them) or the depth stage's selection (bpo, random, ...)."""
-    parts = _input_parts(manifest)
-    return "ingested" if parts == ("ingest", "pairs") else parts[-1]
+    parts = trained_pairs(manifest)
+    return "ingested" if parts == INGESTED_PAIRS else parts[-1]
 
 
 def data_budget(run_dir: RunDir, stage: str) -> tuple[int, int]:
     """(pairs, distinct prompts) a train stage trained on: its prepared training-split pairs that fit."""
-    prepared = pads.dataset(run_dir.path(stage, "prepared"), filesystem=run_dir.fs).to_table(
-        columns=["pair_id", "split", "reason"]
-    )
+    prepared = read_table(run_dir, prepared_inputs(stage), ["pair_id", "split", "reason"])
     used = prepared.filter(pc.and_(pc.equal(prepared["split"], "train"), pc.equal(prepared["reason"], "")))
     ids = set(used["pair_id"].to_pylist())
-    inputs = run_dir.path(*_input_parts(run_dir.read_json(f"{stage}/{MANIFEST}")))
-    pairs = pads.dataset(inputs, filesystem=run_dir.fs).to_table(columns=["pair_id", "prompt"])
+    pairs = read_table(run_dir, trained_pairs(run_dir.read_json(f"{stage}/{MANIFEST}")), ["pair_id", "prompt"])
     prompts = {
         prompt_key(p)
         for i, p in zip(pairs["pair_id"].to_pylist(), pairs["prompt"].to_pylist(), strict=True)
@@ -390,28 +386,6 @@ def loss_settings(manifest: dict[str, Any]) -> dict[str, Any]:
     if train["alpha"] == 0 and train["rho"] == 1:
         return {**settings, "loss_label": f"{loss} ({beta0})"}
     return {**settings, "loss_label": f"beta-{loss} (alpha={train['alpha']:g}, rho={train['rho']:g}, {beta0})"}
-
-
-class PolicySampler:
-    """Ray Data actor: rows (policy, model, prompt, prompt_key) -> `HfGenerator`'s seeded samples of each.
-
-    One model is held at a time; the rows come in one block per policy, so an actor loads each model about once.
-    The `origin` column names the policy that wrote the response.
-    """
-
-    def __init__(self, policy: dict, generate: dict, seed: int):
-        self.args = (policy, generate, seed)
-        self.loaded: tuple[str, HfGenerator] | None = None
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for name, model in dict.fromkeys(zip(batch["policy"].to_pylist(), batch["model"].to_pylist(), strict=True)):
-            if self.loaded is None or self.loaded[0] != model:
-                self.loaded = (model, HfGenerator(model, *self.args))
-            samples = self.loaded[1](batch.filter(pc.equal(batch["policy"], name)))
-            index = samples.schema.get_field_index("origin")
-            out.append(samples.set_column(index, "origin", pa.array([name] * samples.num_rows, pa.string())))
-        return pa.concat_tables(out)
 
 
 def sampling_config(cfg: Config) -> GenerateConfig:
@@ -443,14 +417,8 @@ class Judge:
 def judge_setup(cfg: Config, run_dir: RunDir) -> Judge:
     """The judge `evaluate.judge` names, with what identifies it in the manifest (never an API key)."""
     if cfg.evaluate.judge == "reward_model":
-        if cfg.evaluate.reward_model:
-            model, identity = cfg.evaluate.reward_model, f"external:{cfg.evaluate.reward_model}"
-        elif run_dir.exists("reward", "judge"):  # reward.judge_model: the half that scored no candidates
-            identity = f"{stage_identity(require_stage(run_dir, 'reward'))}#judge"
-            model = run_dir.local_dir("reward", "judge")
-        else:
-            model, manifest = scorer_model(cfg, run_dir)
-            identity = stage_identity(manifest)
+        source = judge_model(cfg, run_dir)
+        model, identity = source.local(), source.identity
         args = {"model": model, "max_length": cfg.reward.max_length}
         return Judge(RewardModelScorer, args, f"{identity}#max_length={cfg.reward.max_length}", f"reward model {model}")
     if cfg.evaluate.judge == "judge":
@@ -566,17 +534,13 @@ def winrate_note(evaluation: dict[str, Any]) -> str:
 
 
 def winrate_markdown(evaluation: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(WINRATE_HEADER) + " |", "|" + "---|" * len(WINRATE_HEADER)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in winrate_rows(evaluation)]
-    return "# Win rates against the SFT policy\n\n" + "\n".join(lines) + "\n\n" + winrate_note(evaluation) + "\n"
+    table = markdown_table(WINRATE_HEADER, winrate_rows(evaluation))
+    return "# Win rates against the SFT policy\n\n" + table + "\n\n" + winrate_note(evaluation) + "\n"
 
 
 def plot_winrates(evaluation: dict[str, Any]) -> bytes:
     """Horizontal bars of the win rates with their intervals, and the 0.5 line (PNG bytes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     policies = evaluation["policies"]
     labels = [f"{p['name']}\n{p['pairs']} pairs, {p['prompts']} prompts" for p in policies]
@@ -638,7 +602,8 @@ def policy_result(run_dir: RunDir, policy: Policy, comparisons: pa.Table, confid
 def run_evaluate(cfg: Config) -> StageResult:
     """The `evaluate` stage: train the variants (their own stages), then win rates vs SFT into `evaluate/`."""
     run_dir = RunDir(cfg.run_dir)
-    baseline, baseline_manifest = reference_model(cfg, run_dir)
+    reference = reference_model(cfg, run_dir)
+    baseline, baseline_manifest = reference.local(), reference.manifest
     policies = [trained_policy(run_dir, MAIN)]
     for name, spec in cfg.evaluate.variants.items():
         stage = f"{MAIN}-{name}"
@@ -647,7 +612,7 @@ def run_evaluate(cfg: Config) -> StageResult:
     prompts, prompt_source = held_out_prompts(cfg, run_dir)
     judge = judge_setup(cfg, run_dir)
     inputs = {
-        "prompts": stage_identity(require_stage(run_dir, "ingest")),
+        "prompts": stage_identity(require_stage(run_dir, INGEST)),
         BASELINE: stage_identity(baseline_manifest),
         **{p.stage: stage_identity(p.manifest) for p in policies},
         "judge": judge.identity,
@@ -669,14 +634,14 @@ def run_evaluate(cfg: Config) -> StageResult:
             "interval": "normal interval on the mean outcome (win 1, tie 0.5, loss 0), sample std, clipped to [0, 1]",
             "policies": rows,
         }
-        run_dir.write_json(f"{STAGE}/evaluation.json", evaluation)
-        run_dir.write_bytes(f"{STAGE}/winrates.md", winrate_markdown(evaluation).encode())
-        run_dir.write_bytes(f"{STAGE}/winrates.png", plot_winrates(evaluation))
-        pq.write_table(comparisons, run_dir.path(STAGE, "comparisons.parquet"), filesystem=run_dir.fs)
+        run_dir.write_json(relpath(EVALUATION), evaluation)
+        run_dir.write_bytes(relpath(WINRATES_TABLE), winrate_markdown(evaluation).encode())
+        run_dir.write_bytes(relpath(WINRATES_PLOT), plot_winrates(evaluation))
+        pq.write_table(comparisons, run_dir.path(*COMPARISONS_FILE), filesystem=run_dir.fs)
         failed = responses.filter(pc.not_equal(responses["reason"], ""))
         if failed.num_rows:
-            run_dir.makedirs(STAGE, "quarantine")
-            pq.write_table(failed, run_dir.path(STAGE, "quarantine", "judgements.parquet"), filesystem=run_dir.fs)
+            run_dir.makedirs(*EVALUATE_QUARANTINE)
+            pq.write_table(failed, run_dir.path(*JUDGEMENTS_QUARANTINE), filesystem=run_dir.fs)
         reasons = Counter(r for r in comparisons["reason"].to_pylist() if r)
         main = rows[0]
         return StageCounts(
@@ -695,11 +660,11 @@ def run_evaluate(cfg: Config) -> StageResult:
                     for r in rows
                 },
                 "outputs": {
-                    "evaluation": "evaluation.json",
-                    "table": "winrates.md",
-                    "plot": "winrates.png",
-                    "comparisons": "comparisons.parquet",
-                    **({"quarantine": "quarantine/"} if failed.num_rows else {}),
+                    "evaluation": in_stage(EVALUATION),
+                    "table": in_stage(WINRATES_TABLE),
+                    "plot": in_stage(WINRATES_PLOT),
+                    "comparisons": in_stage(COMPARISONS_FILE),
+                    **({"quarantine": in_stage(EVALUATE_QUARANTINE, folder=True)} if failed.num_rows else {}),
                 },
             },
         )

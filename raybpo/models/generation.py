@@ -3,19 +3,31 @@
 `sample_seeded` draws every row with its own `torch.Generator`, so a response depends only on the
 model, its prompt and its seed: not on the batch it was sampled in, the batch size, the worker or a
 rerun. Prompts are rendered exactly as in training (`encode_prompt`; with `max_prompt_length` only their
-last tokens are kept, as training truncates), left-padded, each distinct prompt prefilled once, and
-decoded with the KV cache; a row stops at EOS or after `max_new_tokens`. `sample_responses` is the evaluation
-convenience: one response per prompt with seeds derived from (seed, prompt position).
+last tokens are kept, as training truncates), left-padded, each distinct prompt prefilled once, and decoded
+with the KV cache; a row stops at EOS or after `max_new_tokens`. Sample i of a prompt is drawn with the
+seed `sample_seed(seed, prompt_key, i)`.
+
+The Ray Data actors that sample with it, each loading its model once:
+- `HfGenerator`: prompts -> `generate.n` seeded samples each, rows of `CANDIDATE_SCHEMA` (origin `policy`):
+  the generate stage's `hf` backend;
+- `PolicySampler`: rows (policy, model, prompt, prompt_key) -> `HfGenerator`'s samples of each policy's model,
+  `origin` naming the policy: the evaluate stage's samples, the same seeds for every policy.
+`sample_responses` is a plain-function convenience: one response per prompt, the seeds derived from (seed,
+prompt text, prompt position).
 """
 
 from __future__ import annotations
 
 import hashlib
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from raybpo.data.schema import stored_response
+from raybpo.config import GenerateConfig, PolicyConfig
+from raybpo.data.schema import CANDIDATE_SCHEMA, stored_response
+from raybpo.models.loading import load_causal_lm
 from raybpo.models.tokenize import encode_prompt, uses_chat_template
 
 
@@ -140,3 +152,67 @@ def sample_responses(
             model, tokenizer, batch, seeds, max_new_tokens, temperature, top_p, use_chat_template
         )
     return responses
+
+
+class HfGenerator:
+    """Ray Data actor: prompts (prompt, prompt_key) -> `n` seeded samples each, from a model loaded once."""
+
+    def __init__(self, model: str, policy: dict, generate: dict, seed: int):
+        self.policy = PolicyConfig.model_validate(policy)
+        self.cfg = GenerateConfig.model_validate(generate)
+        self.seed = seed
+        self.model, self.tokenizer = load_causal_lm(model, self.policy)
+        if self.cfg.num_gpus > 0:
+            self.model.to("cuda")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [
+            (p, k, i)
+            for p, k in zip(batch["prompt"].to_pylist(), batch["prompt_key"].to_pylist(), strict=True)
+            for i in range(self.cfg.n)
+        ]
+        seeds = [sample_seed(self.seed, k, i) for _, k, i in rows]
+        texts = sample_seeded(
+            self.model,
+            self.tokenizer,
+            [p for p, _, _ in rows],
+            seeds,
+            self.cfg.max_new_tokens,
+            self.cfg.temperature,
+            self.cfg.top_p,
+            self.policy.use_chat_template,
+            self.cfg.max_prompt_length,
+        )
+        return pa.table(
+            {
+                "prompt_key": [k for _, k, _ in rows],
+                "prompt": [p for p, _, _ in rows],
+                "candidate": [i for _, _, i in rows],
+                "origin": ["policy"] * len(rows),
+                "response": texts,
+                "seed": seeds,
+            },
+            schema=CANDIDATE_SCHEMA,
+        )
+
+
+class PolicySampler:
+    """Ray Data actor: rows (policy, model, prompt, prompt_key) -> `HfGenerator`'s seeded samples of each.
+
+    One model is held at a time; the rows come in one block per policy, so an actor loads each model about once.
+    The `origin` column names the policy that wrote the response.
+    """
+
+    def __init__(self, policy: dict, generate: dict, seed: int):
+        self.args = (policy, generate, seed)
+        self.loaded: tuple[str, HfGenerator] | None = None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for name, model in dict.fromkeys(zip(batch["policy"].to_pylist(), batch["model"].to_pylist(), strict=True)):
+            if self.loaded is None or self.loaded[0] != model:
+                self.loaded = (model, HfGenerator(model, *self.args))
+            samples = self.loaded[1](batch.filter(pc.equal(batch["policy"], name)))
+            index = samples.schema.get_field_index("origin")
+            out.append(samples.set_column(index, "origin", pa.array([name] * samples.num_rows, pa.string())))
+        return pa.concat_tables(out)
