@@ -65,9 +65,10 @@ from raybpo.config import BenchmarkConfig, PolicyConfig, TinyModelConfig, TrainC
 from raybpo.data.benchmark import EVAL_PROMPTS, generate
 from raybpo.models.loading import load_causal_lm
 from raybpo.models.logps import collate_pairs, pair_logps
+from raybpo.models.lora import lora_config
 from raybpo.models.tiny import build_tiny_model
 from raybpo.models.tokenize import encode_pair
-from raybpo.train.dpo import DpoRecipe, lora_config
+from raybpo.train.dpo import DpoRecipe
 from raybpo.train.loop import Workers, step_plan, warmup_cosine
 from raybpo.train.prepare import REF_BATCH, sequence_lengths
 

@@ -50,12 +50,13 @@ from typing import Any
 
 import torch
 
+from raybpo.artifacts import Artifact, read_pairs, reward_member
 from raybpo.cli import DEMO_PRESET
 from raybpo.config import Config, load_config
 from raybpo.metrics.reward import evaluate_reward_models, summary
 from raybpo.rundir import RunDir
 from raybpo.stages.ingest import ingest
-from raybpo.train.reward import held_out, read_pairs, run_reward
+from raybpo.train.reward import run_reward
 from raybpo.train.sft import run_sft
 
 TRAINED_MODES = ("more", "multitask", "single")
@@ -112,8 +113,8 @@ def average_evaluation(cfg: Config) -> dict[str, Any]:
     """The `average` ensemble of a finished `single` run's models, evaluated as the stage's `average` mode does."""
     run_dir = RunDir(cfg.run_dir)
     pairs = read_pairs(run_dir)
-    members = [Path(run_dir.local_dir("reward", "models", s)) for s in sorted(set(pairs["source"]))]
-    return summary(evaluate_reward_models({"average": members}, held_out(pairs, cfg.reward.eval_fraction), cfg.reward))
+    members = [Path(Artifact(run_dir.uri, reward_member(s)).local()) for s in sorted(set(pairs["source"]))]
+    return summary(evaluate_reward_models({"average": members}, pairs, cfg.reward))
 
 
 def seed_rows(

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from raybpo import graph
+from raybpo.artifacts import INGEST, INGESTED_PAIRS, REWARD, WINRATES_TABLE, relpath
 from raybpo.config import FORMATS, Config, ConfigError, SourceSpec, load_config, variant_stage
 from raybpo.data.export import export_trl
-from raybpo.metrics.reward import markdown_table
+from raybpo.metrics.reward import reward_markdown
 from raybpo.models.loading import ModelNotFoundError
 from raybpo.models.tokenize import TokenizationError
 from raybpo.pipeline import StageRun, run_pipeline, summary_table
@@ -71,8 +72,8 @@ def _print_result(result: StageResult, run_dir: str) -> None:
         print(f"  {name}: {value:.4g}")
     for reason, count in m["quarantine_reasons"].items():
         print(f"    {reason}: {count}")
-    for name, relpath in m.get("outputs", {}).items():
-        print(f"  {name}: {run_dir.rstrip('/')}/{m['stage']}/{relpath}")
+    for name, output in m.get("outputs", {}).items():
+        print(f"  {name}: {run_dir.rstrip('/')}/{m['stage']}/{output}")
     print(f"  manifest: {run_dir.rstrip('/')}/{m['stage']}/manifest.json")
 
 
@@ -98,14 +99,14 @@ def cmd_ingest(args: argparse.Namespace) -> None:
         cfg.ingest.sources = [*cfg.ingest.sources, *(parse_source(s) for s in args.source)]
     if args.preset:
         cfg.ingest.preset = args.preset
-    _run_stage(cfg, "ingest")
+    _run_stage(cfg, INGEST)
 
 
 def cmd_reward(args: argparse.Namespace) -> None:
-    print(markdown_table(_run_stage(_config(args), "reward").manifest["evaluation"]))
+    print(reward_markdown(_run_stage(_config(args), REWARD).manifest["evaluation"]))
 
 
-STAGE_COMMANDS = {"ingest": cmd_ingest, "reward": cmd_reward}  # the others: cmd_stage
+STAGE_COMMANDS = {INGEST: cmd_ingest, REWARD: cmd_reward}  # the others: cmd_stage
 
 
 def _run_pipeline(cfg: Config, from_stage: str | None = None, until_stage: str | None = None) -> None:
@@ -117,9 +118,9 @@ def _run_pipeline(cfg: Config, from_stage: str | None = None, until_stage: str |
 
     result = run_pipeline(cfg, from_stage, until_stage, on_stage=progress)
     print("\n" + summary_table(result))
-    winrates = RunDir(cfg.run_dir)
-    if result.report and winrates.exists("evaluate", "winrates.md"):
-        print("\n" + winrates.read_bytes("evaluate/winrates.md").decode())
+    run_dir = RunDir(cfg.run_dir)
+    if result.report and run_dir.exists(*WINRATES_TABLE):
+        print("\n" + run_dir.read_bytes(relpath(WINRATES_TABLE)).decode())
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -172,13 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--from", dest="from_stage", metavar="STAGE", help=f"redo {stages} and all after it")
         sub.add_argument("--until", dest="until_stage", metavar="STAGE", help=f"stop after {stages}")
     stage_commands = {s.name: add(s.name, s.help, STAGE_COMMANDS.get(s.name, cmd_stage)) for s in graph.STAGES}
-    stage_commands["ingest"].add_argument(
+    stage_commands[INGEST].add_argument(
         "--source",
         action="append",
         metavar="PATH_OR_DATASET[,format=F][,name=N]",
         help="a JSONL, JSONL.gz or Parquet file or folder, or a Hugging Face dataset name (repeatable)",
     )
-    stage_commands["ingest"].add_argument(
+    stage_commands[INGEST].add_argument(
         "--preset", choices=["benchmark"], help="generate and ingest the built-in benchmark"
     )
     stage_commands[graph.VARIANTS_OF].add_argument(
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("report", "write report/report.md and report.html from every finished stage", cmd_report)
     add("tune", "Ray Tune over any config keys (train + evaluate tail), ASHA early stopping", cmd_tune)
     export = commands.add_parser("export", help="write a pairs folder as TRL preference JSONL")
-    export.add_argument("pairs", help="a pairs folder, e.g. RUN_DIR/ingest/pairs")
+    export.add_argument("pairs", help=f"a pairs folder, e.g. RUN_DIR/{relpath(INGESTED_PAIRS)}")
     export.add_argument("out", help="output .jsonl path")
     export.set_defaults(handler=cmd_export)
     return parser

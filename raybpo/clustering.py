@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from raybpo.plots import png_bytes
+from raybpo.plots import png_bytes, pyplot
 
 KMEANS_NITER = 25
 INIT_STREAM = 0  # the k-means++ init draws from (seed, INIT_STREAM)
@@ -113,10 +113,7 @@ def rank_within_clusters(cluster: np.ndarray, similarity: np.ndarray, keys: list
 
 def plot_cluster_sizes(sizes: np.ndarray, kept: np.ndarray, eta: float, method: str, unit: str = "prompts") -> bytes:
     """PNG: a histogram of cluster sizes, and the kept count of every cluster against its size (in `unit`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))

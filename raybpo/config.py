@@ -12,11 +12,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 FORMATS = ("auto", "hh", "trl", "pku", "ultrafeedback", "judge", "columns")
 # The stage names the config validates, in graph order: raybpo/graph.py holds the stages and checks this list.
@@ -307,23 +308,20 @@ def _flatten_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _dotted(value: Any) -> Any:
+    """`{train: {alpha: 0}}` (what a dotted command-line override builds) is `{train.alpha: 0}`."""
+    return _flatten_keys(value) if isinstance(value, dict) else value
+
+
 class VariantSpec(Section):
     """A policy trained beside the main one and evaluated the same way (stage `train-<name>`)."""
 
     selection: Literal["bpo", "random", "uniform", "original"] | None = Field(
         None, description="Train on this depth selection (the depth stage must have run); None: as `train` does."
     )
-    overrides: dict[str, Any] = Field(
+    overrides: Annotated[dict[str, Any], BeforeValidator(_dotted)] = Field(
         default_factory=dict, description="Dotted key -> value applied to the run's config, e.g. train.alpha: 0."
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _flatten(cls, data: Any) -> Any:
-        """`overrides: {train: {alpha: 0}}` (what a dotted command-line override builds) is `{train.alpha: 0}`."""
-        if isinstance(data, dict) and isinstance(data.get("overrides"), dict):
-            data = {**data, "overrides": _flatten_keys(data["overrides"])}
-        return data
 
     @model_validator(mode="after")
     def _train_keys_only(self) -> VariantSpec:
@@ -377,7 +375,7 @@ class EvaluateConfig(Section):
 class TuneConfig(Section):
     """`raybpo tune`: Ray Tune over config keys, each trial the pipeline's tail (the rules: raybpo/tune.py)."""
 
-    search_space: dict[str, list[Any]] = Field(
+    search_space: Annotated[dict[str, list[Any]], BeforeValidator(_dotted)] = Field(
         default_factory=dict, description="Dotted config key -> values to try, e.g. train.beta0: [0.05, 0.1]."
     )
     search: Literal["grid", "random"] = Field(
@@ -397,14 +395,6 @@ class TuneConfig(Section):
         default_factory=lambda: {"cpu": 0.0, "memory": 2**20},
         description="A trial driver's resources: no CPU (its stages' workers reserve their own), a token of memory.",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _flatten(cls, data: Any) -> Any:
-        """`search_space: {train: {beta0: [..]}}` (what a dotted override builds) is `{train.beta0: [..]}`."""
-        if isinstance(data, dict) and isinstance(data.get("search_space"), dict):
-            data = {**data, "search_space": _flatten_keys(data["search_space"])}
-        return data
 
     @model_validator(mode="after")
     def _samples_are_random_draws(self) -> TuneConfig:
@@ -492,11 +482,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
         data = loaded or {}
-    data = apply_overrides(data, overrides or [])
+    return _validated(apply_overrides(data, overrides or []), str(path) if path else "config")
+
+
+def with_overrides(cfg: Config, overrides: Mapping[str, Any], source: str = "overrides") -> Config:
+    """A copy of `cfg` with dotted keys set to values, validated like command-line overrides.
+
+    A wrong key or value raises `ConfigError` naming `source` (where the overrides come from, e.g.
+    `tune.search_space`), the dotted key and what is allowed.
+    """
+    texts = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    try:
+        data = apply_overrides(cfg.model_dump(mode="json"), texts)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return _validated(data, source)
+
+
+def _validated(data: dict[str, Any], source: str) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_explain(err, source=str(path) if path else "config")) from None
+        raise ConfigError(_explain(err, source)) from None
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -19,20 +19,18 @@ skipped, resumed and forgotten (`--from train`) like any stage. The evaluate sta
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pydantic import ValidationError
-
+from raybpo.artifacts import BREADTH, DEPTH, EVALUATE, GENERATE, INGEST, REWARD, SCORE, SFT, TRAIN
 from raybpo.config import (
     STAGE_ORDER,
     VARIANT_PREFIX,
     Config,
     ConfigError,
     VariantSpec,
-    apply_overrides,
     variant_stage,
+    with_overrides,
 )
 from raybpo.rundir import NO_CONTEXT, StageContext, StageResult
 from raybpo.stages.breadth import run_breadth
@@ -64,72 +62,72 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage(
-        "ingest",
+        INGEST,
         ingest,
         ("ingest", "benchmark"),
         (),
         "parse, validate and deduplicate preference data into canonical pairs",
     ),
     Stage(
-        "sft",
+        SFT,
         run_sft,
         ("policy", "sft"),  # and train with sft.lora (its LoRA settings); Tune's copy check catches that case
-        ("ingest",),
+        (INGEST,),
         "supervised warm-up of the policy on chosen responses (Ray Train)",
     ),
     Stage(
-        "reward",
+        REWARD,
         run_reward,
         ("reward",),
-        ("ingest", "sft"),
+        (INGEST, SFT),
         "reward models over several sources: MORE, multitask, single, average (Ray Train)",
     ),
     Stage(
-        "breadth",
+        BREADTH,
         run_breadth,
         ("breadth",),
-        ("ingest",),
+        (INGEST,),
         "deduplicate and embed prompts, spherical k-means (faiss), keep the top eta per cluster (Ray Data)",
     ),
     Stage(
-        "generate",
+        GENERATE,
         run_generate,
         ("policy", "generate"),
-        ("breadth", "sft"),
+        (BREADTH, SFT),
         "n candidates per kept prompt: Hugging Face on CPU, vLLM on GPU (Ray Data)",
     ),
     Stage(
-        "score",
+        SCORE,
         run_score,
         ("score", "reward"),
-        ("generate", "reward"),
+        (GENERATE, REWARD),
         "score candidates (reward model, LLM judge, or the benchmark's oracle) and pair them (Ray Data)",
     ),
     Stage(
-        "depth",
+        DEPTH,
         run_depth,
         ("policy", "depth", "train"),  # train's LoRA and length settings shape the gradient features
-        ("ingest", "score", "sft"),
+        (INGEST, SCORE, SFT),
         "per-pair LoRA gradient features, gradient clustering, BPO pair selection and its baselines (Ray Data)",
     ),
     Stage(
-        "train",
+        TRAIN,
         run_train,
         ("policy", "train"),
-        ("ingest", "depth", "sft"),
+        (INGEST, DEPTH, SFT),
         "beta-DPO / DPO / IPO training with LoRA (Ray Train); --variant NAME trains an evaluate.variants entry",
     ),
     Stage(
-        "evaluate",
+        EVALUATE,
         run_evaluate,
         ("policy", "evaluate"),
-        ("ingest", "sft", "train", "reward"),  # and the variants `train-<name>`
+        (INGEST, SFT, TRAIN, REWARD),  # and the variants `train-<name>`
         "win rates of the trained policies (train and its variants) against the SFT policy, with the data budget",
     ),
 )
 ORDER: tuple[str, ...] = tuple(stage.name for stage in STAGES)
-VARIANTS_OF = "train"  # the stage whose variants `evaluate.variants` plans
-JUDGED_BY = "evaluate"  # the stage the variants are trained for
+VARIANTS_OF = TRAIN  # the stage whose variants `evaluate.variants` plans
+JUDGED_BY = EVALUATE  # the stage the variants are trained for
 
 # The config validates stage names (and names the variants' folders) without importing the stages.
 if ORDER != STAGE_ORDER or f"{VARIANTS_OF}-" != VARIANT_PREFIX:
@@ -169,15 +167,7 @@ class Step:
 
 def variant_config(cfg: Config, name: str, spec: VariantSpec) -> Config:
     """The run's config with a variant's overrides applied (dotted keys, validated like the command line)."""
-    overrides = [f"{key}={json.dumps(value)}" for key, value in spec.overrides.items()]
-    where = f"evaluate.variants.{name}.overrides"
-    try:
-        return Config.model_validate(apply_overrides(cfg.model_dump(mode="json"), overrides))
-    except ValidationError as err:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{where}: {detail}") from None
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
+    return with_overrides(cfg, spec.overrides, f"evaluate.variants.{name}.overrides")
 
 
 def steps(cfg: Config) -> list[Step]:

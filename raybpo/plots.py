@@ -1,4 +1,8 @@
-"""Matplotlib without a screen, and a figure as PNG bytes (stages write them through the run directory)."""
+"""Matplotlib without a screen, and a figure as PNG bytes (stages write them through the run directory).
+
+Every plot gets pyplot from `pyplot()`, the one place the Agg backend is chosen, and writes its figure with
+`png_bytes`.
+"""
 
 from __future__ import annotations
 

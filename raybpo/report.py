@@ -10,7 +10,8 @@ a stage: it has no manifest and is rewritten whole on every call. Contents:
 - breadth's `cluster_sizes.png`; every PNG of `depth/` (pairs per prompt, cluster sizes);
 - training: `beta`, `beta/M0`, `rewards/margins` and `filter/kept_fraction` per step of `train` and of
   every variant `train-<name>` (their `metrics.jsonl`) in `training.png`, and a table of final metrics;
-- reward models: the reward stage's `report/reward.md` table and its plots (reliability, rewards, lambda);
+- reward models: the reward stage's table, from its manifest's `evaluation` (`raybpo.metrics.reward.reward_table`,
+  the table of `reward/report/reward.md`), and its plots (reliability, rewards, lambda);
 - evaluation: the win-rate table of `evaluate/evaluation.json` (`raybpo.metrics.winrates.winrate_rows`: the same
   numbers as `evaluate/winrates.md`) and `winrates.png`.
 Images are copied into `report/` and linked by relative name, so the folder can be moved and opened
@@ -30,13 +31,31 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from raybpo import graph
+from raybpo.artifacts import (
+    BREADTH,
+    BREADTH_CLUSTER_SIZES,
+    DEPTH,
+    EVALUATE,
+    EVALUATION,
+    REPORT,
+    REPORT_HTML,
+    REPORT_MARKDOWN,
+    REWARD,
+    REWARD_REPORT,
+    TRAIN,
+    TUNE,
+    WINRATES_PLOT,
+    relpath,
+    training_metrics,
+)
 from raybpo.config import VARIANT_PREFIX
+from raybpo.metrics.reward import reward_table
 from raybpo.metrics.winrates import WINRATE_HEADER, winrate_note, winrate_rows
-from raybpo.plots import png_bytes
+from raybpo.plots import png_bytes, pyplot
 from raybpo.rundir import MANIFEST, RunDir
+from raybpo.tables import markdown_table
 
-REPORT = "report"
-STAGES = (*graph.ORDER, "tune")  # the stage graph, then the sweep (a folder with a manifest too)
+STAGES = (*graph.ORDER, TUNE)  # the stage graph, then the sweep (a folder with a manifest too)
 TRAINING_METRICS = ("beta", "beta/M0", "rewards/margins", "filter/kept_fraction")
 STAGE_METRICS = ("loss", "eval_loss", "win_rate")
 FINAL_COLUMNS = ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "beta", "filter/kept_fraction")
@@ -89,9 +108,7 @@ def to_markdown(blocks: list[Block]) -> str:
         elif isinstance(block, Text):
             out.append(block.text)
         elif isinstance(block, Table):
-            lines = ["| " + " | ".join(block.header) + " |", "|" + "---|" * len(block.header)]
-            lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in block.rows]
-            out.append("\n".join(lines))
+            out.append(markdown_table(block.header, block.rows))
         elif isinstance(block, Image):
             out.append(f"![{block.caption}]({block.name})")
         else:
@@ -120,15 +137,6 @@ def to_html(blocks: list[Block], title: str) -> str:
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(title)}</title>\n'
         f"<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(out) + "\n</body>\n</html>\n"
     )
-
-
-def markdown_table(text: str) -> Table | None:
-    """The first pipe table of a Markdown text (e.g. the reward stage's `reward.md`)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
-    if len(lines) < 2:
-        return None
-    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
-    return Table(tuple(cells[0]), cells[2:])
 
 
 def stage_folders(run_dir: RunDir) -> list[str]:
@@ -191,10 +199,7 @@ def stage_blocks(run_dir: RunDir, stages: list[str], manifests: dict[str, dict |
 
 def plot_training(histories: dict[str, list[dict[str, Any]]]) -> bytes:
     """beta, beta/M0, rewards/margins and filter/kept_fraction per step, one line per train stage (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 6))
     for ax, metric in zip(axes.flat, TRAINING_METRICS, strict=True):
@@ -225,9 +230,13 @@ def training_blocks(run_dir: RunDir, stages: list[str], manifests: dict[str, dic
     if not stages:
         return [*blocks, Text("Not run (train has no finished run).")]
     histories = {
-        stage: [json.loads(line) for line in run_dir.read_bytes(f"{stage}/metrics.jsonl").decode().splitlines() if line]
+        stage: [
+            json.loads(line)
+            for line in run_dir.read_bytes(relpath(training_metrics(stage))).decode().splitlines()
+            if line
+        ]
         for stage in stages
-        if run_dir.exists(stage, "metrics.jsonl")
+        if run_dir.exists(*training_metrics(stage))
     }
     if histories:
         run_dir.write_bytes(f"{REPORT}/training.png", plot_training(histories))
@@ -265,45 +274,45 @@ def write_report(run_dir: RunDir | str) -> tuple[str, str]:
     blocks: list[Block] = [Heading(f"raybpo report: {run_dir.uri}", 1), Text(f"Written {when} (UTC).")]
     blocks += stage_blocks(run_dir, stages, manifests)
 
-    def image(relpath: str, caption: str) -> Image:
-        name = relpath.replace("/", "-")
-        run_dir.write_bytes(f"{REPORT}/{name}", run_dir.read_bytes(relpath))
+    def image(source: str, caption: str) -> Image:
+        name = source.replace("/", "-")
+        run_dir.write_bytes(f"{REPORT}/{name}", run_dir.read_bytes(source))
         return Image(name, caption)
 
     def not_run(*needed: str) -> list[Block]:
         return [Text(f"Not run ({', '.join(needed)} has no finished run).")]
 
     blocks.append(Heading("Breadth: prompts and clusters"))
-    if "breadth" in done and run_dir.exists("breadth", "cluster_sizes.png"):
-        blocks.append(image("breadth/cluster_sizes.png", "breadth: cluster sizes and kept prompts per cluster"))
+    if BREADTH in done and run_dir.exists(*BREADTH_CLUSTER_SIZES):
+        blocks.append(image(relpath(BREADTH_CLUSTER_SIZES), "breadth: cluster sizes and kept prompts per cluster"))
     else:
-        blocks += not_run("breadth")
+        blocks += not_run(BREADTH)
 
     blocks.append(Heading("Depth: pairs per prompt"))
-    depth_images = _pngs(run_dir, "depth") if "depth" in done else []
-    blocks += [image(p, p) for p in depth_images] or not_run("depth")
+    depth_images = _pngs(run_dir, DEPTH) if DEPTH in done else []
+    blocks += [image(p, p) for p in depth_images] or not_run(DEPTH)
 
-    blocks += training_blocks(run_dir, [s for s in stages if s.startswith("train") and s in done], manifests)
+    blocks += training_blocks(run_dir, [s for s in stages if s.startswith(TRAIN) and s in done], manifests)
 
     blocks.append(Heading("Reward models"))
-    if "reward" in done:
-        if run_dir.exists("reward", "report", "reward.md"):
-            table = markdown_table(run_dir.read_bytes("reward/report/reward.md").decode())
-            blocks += [table] if table else []
-        blocks += [image(p, p) for p in _pngs(run_dir, "reward", "report")]
+    if REWARD in done:
+        if "evaluation" in manifests[REWARD]:
+            header, rows = reward_table(manifests[REWARD]["evaluation"])
+            blocks.append(Table(tuple(header), rows))
+        blocks += [image(p, p) for p in _pngs(run_dir, *REWARD_REPORT)]
     else:
-        blocks += not_run("reward")
+        blocks += not_run(REWARD)
 
     blocks.append(Heading("Evaluation: win rates against the SFT policy"))
-    if "evaluate" in done:
-        evaluation = run_dir.read_json("evaluate/evaluation.json")
+    if EVALUATE in done:
+        evaluation = run_dir.read_json(relpath(EVALUATION))
         blocks += [Table(WINRATE_HEADER, winrate_rows(evaluation)), Text(winrate_note(evaluation))]
-        if run_dir.exists("evaluate", "winrates.png"):
-            blocks.append(image("evaluate/winrates.png", "win rates against SFT with their intervals"))
+        if run_dir.exists(*WINRATES_PLOT):
+            blocks.append(image(relpath(WINRATES_PLOT), "win rates against SFT with their intervals"))
     else:
-        blocks += not_run("evaluate")
+        blocks += not_run(EVALUATE)
 
     title = f"raybpo report: {run_dir.uri}"
-    run_dir.write_bytes(f"{REPORT}/report.md", to_markdown(blocks).encode())
-    run_dir.write_bytes(f"{REPORT}/report.html", to_html(blocks, title).encode())
-    return run_dir.uri_of(REPORT, "report.md"), run_dir.uri_of(REPORT, "report.html")
+    run_dir.write_bytes(relpath(REPORT_MARKDOWN), to_markdown(blocks).encode())
+    run_dir.write_bytes(relpath(REPORT_HTML), to_html(blocks, title).encode())
+    return run_dir.uri_of(*REPORT_MARKDOWN), run_dir.uri_of(*REPORT_HTML)

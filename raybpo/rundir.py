@@ -112,10 +112,6 @@ class RunDir:
         )
         return destination
 
-    def hash_tree(self, *parts: str) -> str:
-        """sha256 over every file below `parts` (names and contents), the identity of a stage's output."""
-        return hash_files(self.fs, self.path(*parts))
-
 
 def hash_files(fs: pafs.FileSystem, path: str) -> str:
     """sha256 of a file's bytes, or of a folder's sorted (relative name, bytes) pairs."""

@@ -62,36 +62,27 @@ import pyarrow.fs as pafs
 import ray
 import ray.tune
 import yaml
-from pydantic import ValidationError
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from raybpo.artifacts import EVALUATE, TRAIN, TUNE
 from raybpo.cluster import init_ray
-from raybpo.config import Config, ConfigError, TuneConfig, _explain, apply_overrides
+from raybpo.config import Config, ConfigError, TuneConfig, with_overrides
 from raybpo.graph import plan
 from raybpo.pipeline import StageRun, run_pipeline
 from raybpo.rundir import MANIFEST, RunDir, package_versions
+from raybpo.tables import markdown_table
 from raybpo.train.dpo import FINAL_METRICS
-from raybpo.train.dpo import STAGE as TRAIN
 
-TUNE = "tune"
 EXPERIMENT = "ray"  # Ray Tune's own folder below <run_dir>/tune/
 FINISHED, EARLY_STOPPED, FAILED = "finished", "early-stopped", "failed"
 EVALUATE_METRICS = ("win_rate", "ci_low", "ci_high")
 NOT_SEARCHABLE = ("run_dir", "stages", "ray", "tune")
+SEARCH_SPACE = "tune.search_space"  # names the overrides in errors
 MAX_STEPS = 10**9  # ASHA's max_t: no trial is cut for its length, only at rungs
 
 
 # -- the search space -----------------------------------------------------------------------------------------
-
-
-def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """`cfg` with dotted keys set, validated like command-line overrides (a wrong key or value is named)."""
-    texts = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
-    try:
-        return Config.model_validate(apply_overrides(cfg.model_dump(mode="json"), texts))
-    except ValidationError as err:
-        raise ConfigError(_explain(err, source="tune.search_space")) from None
 
 
 def check_search(cfg: Config) -> str:
@@ -112,14 +103,14 @@ def check_search(cfg: Config) -> str:
         if len(set(seen)) < len(seen):
             raise ConfigError(f"tune.search_space.{key}: a value is listed twice in {values}")
         for value in values:
-            with_overrides(cfg, {key: value})
+            with_overrides(cfg, {key: value}, SEARCH_SPACE)
         readers = [step.name for step in steps if step.reads_key(key)]
         if not readers:
             raise ConfigError(
                 f"tune.search_space.{key}: none of the config's stages ({', '.join(planned)}) reads {section}.*"
             )
         firsts.append(readers[0])
-    metrics = {**dict.fromkeys(EVALUATE_METRICS, "evaluate"), **dict.fromkeys(FINAL_METRICS, TRAIN)}
+    metrics = {**dict.fromkeys(EVALUATE_METRICS, EVALUATE), **dict.fromkeys(FINAL_METRICS, TRAIN)}
     if cfg.tune.metric not in metrics:
         raise ConfigError(f"tune.metric {cfg.tune.metric!r} is not a final metric; choose one of {', '.join(metrics)}")
     if metrics[cfg.tune.metric] not in planned:
@@ -212,7 +203,7 @@ def seed_trial(main: RunDir, cfg: Config) -> list[str]:
 def final_metrics(run_dir: RunDir) -> dict[str, float]:
     """What a finished trial ends with: the train stage's final metrics, then the evaluate stage's."""
     metrics: dict[str, float] = {}
-    for stage in (TRAIN, "evaluate"):
+    for stage in (TRAIN, EVALUATE):
         if run_dir.exists(stage, MANIFEST):
             metrics.update(run_dir.read_json(f"{stage}/{MANIFEST}").get("final_metrics", {}))
     return metrics
@@ -294,7 +285,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], main_run_dir: str, c
         os.chdir(cwd)  # Tune starts a trial in its own folder; relative paths in the config are the caller's
     context = ray.tune.get_context()
     main = RunDir(main_run_dir)
-    cfg = with_overrides(Config.model_validate(base), config["overrides"])
+    cfg = with_overrides(Config.model_validate(base), config["overrides"], SEARCH_SPACE)
     cfg.run_dir = main.uri_of(TUNE, context.get_trial_name())
     kept = seed_trial(main, cfg)
     tail = [step.name for step in plan(cfg) if step.name not in kept]
@@ -442,11 +433,6 @@ def table(rows: list[TrialRow], cfg: Config) -> tuple[list[str], list[list[str]]
     return header, cells
 
 
-def markdown(header: list[str], cells: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]) + "\n"
-
-
 def write_outputs(cfg: Config, main: RunDir, rows: list[TrialRow], first: str, seconds: float) -> TuneSummary:
     """results.csv, results.md, best_config.yaml, summary.json, then manifest.json (last)."""
     best = rows[0] if rows and rows[0].status == FINISHED and rows[0].metric is not None else None
@@ -460,11 +446,11 @@ def write_outputs(cfg: Config, main: RunDir, rows: list[TrialRow], first: str, s
         else "no early stopping"
     )
     note = f"Ranked by {cfg.tune.metric} ({cfg.tune.mode}); {rule}; {early_column(cfg.tune)}: the last one reported."
-    text = f"# Tune: {len(rows)} trials\n\n{markdown(header, cells)}\n{note}\n"
+    text = f"# Tune: {len(rows)} trials\n\n{markdown_table(header, cells)}\n\n{note}\n"
     main.write_bytes(f"{TUNE}/results.md", text.encode())
     outputs = {"results": "results.csv", "table": "results.md", "summary": "summary.json"}
     if best is not None:
-        best_cfg = with_overrides(cfg, best.overrides).model_dump(mode="json")
+        best_cfg = with_overrides(cfg, best.overrides, SEARCH_SPACE).model_dump(mode="json")
         comment = f"# best of `raybpo tune` ({cfg.tune.metric} {best.metric:.4g}): {describe(best.overrides)}\n"
         main.write_bytes(f"{TUNE}/best_config.yaml", (comment + yaml.safe_dump(best_cfg, sort_keys=False)).encode())
         outputs["best_config"] = "best_config.yaml"
@@ -513,7 +499,7 @@ def run_tune(cfg: Config) -> TuneSummary:
     first = check_search(cfg)
     trials = trial_overrides(cfg)
     for overrides in trials:  # the combinations too (e.g. batch_size with micro_batch_size)
-        with_overrides(cfg, overrides)
+        with_overrides(cfg, overrides, SEARCH_SPACE)
     main = RunDir(cfg.run_dir)
     if cfg.tune.early_stop_metric == "eval_loss" and {"train.beta0", "train.loss"} & set(cfg.tune.search_space):
         print("note: eval_loss is the loss at each trial's own beta0 and loss type, so ASHA compares unlike scales")

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
+from raybpo.artifacts import read_pairs
 from raybpo.config import Config, GenerateConfig, TinyModelConfig
 from raybpo.data.schema import prompt_key
 from raybpo.models.generation import sample_seed
@@ -18,7 +19,6 @@ from raybpo.rundir import RunDir, StageCounts, run_stage
 from raybpo.stages.generate import run_generate, vllm_processor, vllm_requests
 from raybpo.stages.ingest import ingest
 from raybpo.stages.score import RewardModelScorer, all_pairs, run_score, uniform_pairs
-from raybpo.train.reward import read_pairs
 
 KEPT = 6
 

@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from raybpo.artifacts import read_pairs
 from raybpo.config import Config, TinyModelConfig
 from raybpo.data.schema import PAIR_SCHEMA, prompt_key
 from raybpo.models.gradients import (
@@ -37,7 +38,6 @@ from raybpo.stages.depth import (
     strategy_score,
 )
 from raybpo.stages.ingest import ingest
-from raybpo.train.reward import read_pairs
 
 PAD = 0
 

@@ -7,11 +7,12 @@ import torch
 from raybpo.config import PolicyConfig, SftConfig, TinyModelConfig, TrainConfig
 from raybpo.data.benchmark import TOPICS
 from raybpo.data.schema import make_pair_id
+from raybpo.data.splits import split_of
 from raybpo.models.logps import collate
 from raybpo.models.tiny import build_tiny_model
 from raybpo.train.dpo import DpoRecipe
 from raybpo.train.loop import Workers
-from raybpo.train.prepare import PairEncoder, split_of
+from raybpo.train.prepare import PairEncoder
 from raybpo.train.sft import SftRecipe, response_nll
 
 PAIRS = [

@@ -73,6 +73,20 @@ EVALUATION = {
     "policies": POLICIES,
 }
 
+REWARD_EVALUATION = {  # the reward stage's manifest's `evaluation` (raybpo.metrics.reward.summary) for one source
+    "sources": ["a"],
+    "eval_pairs": {"a": 25},
+    "models": {
+        "model": {
+            "per_source": {"a": {"accuracy": 0.64, "ece": 0.031, "reward_mean": 0.2, "reward_std": 1.1}},
+            "mean_accuracy": 0.64,
+            "worst_accuracy": 0.64,
+            "ece": 0.031,
+            "reward_drift": 0.0,
+        }
+    },
+}
+
 
 def _stage(run_dir: RunDir, cfg: Config, name: str, files: dict[str, bytes], **extra) -> None:
     def body(stage_path: str) -> StageCounts:
@@ -99,8 +113,7 @@ def run(tmp_path_factory) -> Path:
         final = {"loss": 0.6, "beta": 0.15, "filter/kept_fraction": 0.75}
         _stage(run_dir, cfg, name, {"metrics.jsonl": history}, pairs={"train": 120, "eval": 8}, final_metrics=final)
     _stage(run_dir, cfg, "depth", {"pairs_per_prompt.png": png, "cluster_sizes.png": png})
-    reward_md = b"# Reward models\n\n| model | acc a | ECE |\n|---|---|---|\n| model | 0.640 | 0.0310 |\n\nHeld-out.\n"
-    _stage(run_dir, cfg, "reward", {"report/reward.md": reward_md, "report/reliability.png": png})
+    _stage(run_dir, cfg, "reward", {"report/reliability.png": png}, evaluation=REWARD_EVALUATION)
     files = {
         "evaluation.json": json.dumps(EVALUATION).encode(),
         "winrates.md": winrate_markdown(EVALUATION).encode(),
@@ -221,7 +234,7 @@ def test_report_lists_every_stage_with_its_state_and_counts(run):
     assert "win_rate 0.6552" in stages["evaluate"][7]
     md = (run / "report/report.md").read_text()
     assert "ingest: too_long (1)" in md and "Not run (breadth has no finished run)." in md
-    assert "| model | 0.640 | 0.0310 |" in md  # the reward stage's table
+    assert "| model | 0.640 | 0.640 | 0.640 | 0.0310 | 0.000 |" in md  # the reward stage's table
 
 
 def test_report_of_an_empty_run_lists_every_stage_as_not_run(tmp_path):

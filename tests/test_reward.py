@@ -12,6 +12,7 @@ import ray.cloudpickle
 import torch
 from safetensors.torch import load_file
 
+from raybpo.artifacts import read_pairs
 from raybpo.config import Config, RewardConfig, SourceSpec, TinyModelConfig
 from raybpo.metrics.reward import score_pairs
 from raybpo.models.reward import load_reward_model, pooled_and_rewards, reward_head
@@ -19,7 +20,7 @@ from raybpo.models.tiny import build_tiny_model
 from raybpo.rundir import RunDir
 from raybpo.stages.ingest import ingest
 from raybpo.train.loop import fit
-from raybpo.train.reward import RewardRecipe, make_reward_recipe, read_pairs, resample, run_reward
+from raybpo.train.reward import RewardRecipe, make_reward_recipe, resample, run_reward
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the recipe below runs in Ray workers
 

@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from raybpo.config import Config, TinyModelConfig
+from raybpo.models.lora import ADAPTER_WEIGHTS
 from raybpo.models.tiny import build_tiny_model
 from raybpo.rundir import RunDir
 from raybpo.stages.ingest import ingest
-from raybpo.train.dpo import ADAPTER_WEIGHTS, DpoRecipe, make_dpo_recipe
+from raybpo.train.dpo import DpoRecipe, make_dpo_recipe
 from raybpo.train.loop import NonFiniteLossError, count_bad_steps, fit, step_plan
 from raybpo.train.prepare import prepare
 

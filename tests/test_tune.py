@@ -15,11 +15,11 @@ import pytest
 import ray
 from ray.util import placement_group_table
 
+from raybpo.artifacts import read_pairs
 from raybpo.config import Config, ConfigError, TinyModelConfig, TuneConfig, load_config
 from raybpo.models.tiny import build_tiny_model
 from raybpo.rundir import RunDir
 from raybpo.stages.ingest import ingest
-from raybpo.train.reward import read_pairs
 from raybpo.tune import StopBoard, check_search, make_scheduler, run_tune, trial_name, trial_overrides
 
 TRAIN = {"batch_size": 16, "micro_batch_size": 16, "checkpoint_every": 5, "log_every": 1000, "lr": 1e-2}

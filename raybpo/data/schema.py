@@ -1,4 +1,4 @@
-"""The canonical preference-pair schema, its stable id, and the quarantine record.
+"""The canonical preference-pair schema, its stable id, candidate responses, and the quarantine record.
 
 A pair is (prompt, chosen, rejected) from a named `source`. `prompt` is plain text, or a chat
 conversation stored as the JSON text of a list of {"role", "content"} messages (`prompt_messages`
@@ -26,6 +26,19 @@ PAIR_SCHEMA = pa.schema(
         pa.field("score_chosen", pa.float64()),
         pa.field("score_rejected", pa.float64()),
         pa.field("meta", pa.string()),
+    ]
+)
+
+# A candidate response of a prompt (the generate stage's output): sampled by the policy with `seed`, or one of the
+# prompt's original responses (`origin` chosen or rejected, no seed).
+CANDIDATE_SCHEMA = pa.schema(
+    [
+        ("prompt_key", pa.string()),
+        ("prompt", pa.string()),
+        ("candidate", pa.int32()),
+        ("origin", pa.string()),
+        ("response", pa.string()),
+        ("seed", pa.int64()),
     ]
 )
 

@@ -18,8 +18,11 @@ import numpy as np
 import torch
 
 from raybpo.config import RewardConfig
+from raybpo.data.splits import split_of
 from raybpo.losses import expected_calibration_error, preference_accuracy
 from raybpo.models.reward import encode_texts, load_reward_model
+from raybpo.plots import png_bytes, pyplot
+from raybpo.tables import markdown_table
 
 SCORE_BATCH = 32
 
@@ -40,12 +43,10 @@ def score_pairs(model_dir: str | Path, prompts: list[str], chosen: list[str], re
     return np.concatenate(out_chosen), np.concatenate(out_rejected)
 
 
-def evaluate_reward_models(
-    members: dict[str, list[Path]], eval_pairs: dict[str, list], cfg: RewardConfig
-) -> dict[str, Any]:
-    """{model name: {source: metrics}} on the held-out pairs given (the caller picks the eval split); an
-    ensemble averages its members."""
-    columns = {k: list(eval_pairs[k]) for k in ("prompt", "chosen", "rejected", "source")}
+def evaluate_reward_models(members: dict[str, list[Path]], pairs: dict[str, list], cfg: RewardConfig) -> dict[str, Any]:
+    """{model name: {source: metrics}} on each source's eval split; an ensemble averages its members."""
+    eval_rows = [i for i, pair_id in enumerate(pairs["pair_id"]) if split_of(pair_id, cfg.eval_fraction) == "eval"]
+    columns = {k: [pairs[k][i] for i in eval_rows] for k in ("prompt", "chosen", "rejected", "source")}
     scored = {}
     for name, paths in members.items():
         rewards = [
@@ -101,10 +102,11 @@ def summary(evaluation: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def markdown_table(evaluation: dict[str, Any]) -> str:
+def reward_table(evaluation: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The reward-model table's header and cells, one row per model (of an evaluation or its `summary`)."""
     sources = evaluation["sources"]
     header = ["model", *[f"acc {s}" for s in sources], "mean acc", "worst acc", "ECE", "reward drift"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for name, m in evaluation["models"].items():
         cells = [name, *[f"{m['per_source'][s]['accuracy']:.3f}" for s in sources]]
         cells += [
@@ -113,21 +115,23 @@ def markdown_table(evaluation: dict[str, Any]) -> str:
             f"{m['ece']:.4f}",
             f"{m['reward_drift']:.3f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return header, rows
+
+
+def reward_markdown(evaluation: dict[str, Any]) -> str:
+    """The reward-model table and the held-out pairs per source."""
     pairs = ", ".join(f"{s}: {n}" for s, n in evaluation["eval_pairs"].items())
-    return "\n".join(lines) + f"\n\nHeld-out pairs per source: {pairs}.\n"
+    return markdown_table(*reward_table(evaluation)) + f"\n\nHeld-out pairs per source: {pairs}.\n"
 
 
 def write_reward_report(evaluation: dict[str, Any], out: Path) -> None:
     """reward.json, reward.md, reliability.png and rewards.png in `out`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "reward.json").write_text(json.dumps(summary(evaluation), indent=2, sort_keys=True))
-    (out / "reward.md").write_text("# Reward models\n\n" + markdown_table(evaluation))
+    (out / "reward.md").write_text("# Reward models\n\n" + reward_markdown(evaluation))
 
     models, sources = evaluation["models"], evaluation["sources"]
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
@@ -139,8 +143,7 @@ def write_reward_report(evaluation: dict[str, Any], out: Path) -> None:
         ax.set(title=f"{name} (ECE {m['ece']:.3f})", xlabel="confidence sigmoid(|r_w - r_l|)", ylabel="accuracy")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=100)
-    plt.close(fig)
+    (out / "reliability.png").write_bytes(png_bytes(fig))
 
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.5), squeeze=False)
     for ax, (name, m) in zip(axes[0], models.items(), strict=True):
@@ -149,8 +152,7 @@ def write_reward_report(evaluation: dict[str, Any], out: Path) -> None:
         ax.set(title=f"{name}: rewards (drift {m['reward_drift']:.2f})", xlabel="reward")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "rewards.png", dpi=100)
-    plt.close(fig)
+    (out / "rewards.png").write_bytes(png_bytes(fig))
 
 
 def reliability(margins: np.ndarray, bins: int = 10) -> tuple[list[float], list[float]]:
@@ -168,10 +170,7 @@ def reliability(margins: np.ndarray, bins: int = 10) -> tuple[list[float], list[
 
 def plot_lambda(history: list[dict[str, float]], path: Path) -> None:
     """MORE's lambda per source over training steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = sorted({k for h in history for k in h if k.startswith("lambda/")})
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -181,5 +180,4 @@ def plot_lambda(history: list[dict[str, float]], path: Path) -> None:
     ax.set(title="MORE loss weights", xlabel="step", ylabel="lambda", ylim=(0, 1))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    path.write_bytes(png_bytes(fig))

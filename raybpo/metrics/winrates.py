@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from raybpo.data.schema import prompt_key
-from raybpo.plots import png_bytes
+from raybpo.plots import png_bytes, pyplot
+from raybpo.tables import markdown_table
 
 BASELINE = "sft"
 WIN, TIE, LOSS = 1.0, 0.5, 0.0
@@ -166,17 +167,13 @@ def winrate_note(evaluation: dict[str, Any]) -> str:
 
 
 def winrate_markdown(evaluation: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(WINRATE_HEADER) + " |", "|" + "---|" * len(WINRATE_HEADER)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in winrate_rows(evaluation)]
-    return "# Win rates against the SFT policy\n\n" + "\n".join(lines) + "\n\n" + winrate_note(evaluation) + "\n"
+    table = markdown_table(WINRATE_HEADER, winrate_rows(evaluation))
+    return "# Win rates against the SFT policy\n\n" + table + "\n\n" + winrate_note(evaluation) + "\n"
 
 
 def plot_winrates(evaluation: dict[str, Any]) -> bytes:
     """Horizontal bars of the win rates with their intervals, and the 0.5 line (PNG bytes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     policies = evaluation["policies"]
     labels = [f"{p['name']}\n{p['pairs']} pairs, {p['prompts']} prompts" for p in policies]

@@ -96,11 +96,6 @@ class Judgement:
     reason: str | None
     attempts: int
 
-    @property
-    def ok(self) -> bool:
-        """True when the item got a score."""
-        return self.score is not None
-
 
 class RateLimiter:
     """At most `rate` starts per second, evenly spaced (1 / rate apart, no bursts); thread-safe."""
@@ -238,10 +233,6 @@ class JudgeClient:
             f" {dict(failed)}" if failed else "",
         )
         return judgements
-
-    def score(self, prompt: str, response: str) -> Judgement:
-        """One item's judgement (retries and quarantine as in `score_many`)."""
-        return self._judge_safely((prompt, response))
 
     # -- internals ---------------------------------------------------------------------------------------------
 

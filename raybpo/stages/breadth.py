@@ -47,10 +47,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 
+from raybpo.artifacts import (
+    BREADTH,
+    BREADTH_CLUSTER_SIZES,
+    BREADTH_PROMPTS,
+    INGEST,
+    INGESTED_PAIRS,
+    in_stage,
+    ingested_pairs,
+    relpath,
+)
 from raybpo.cluster import init_ray
 from raybpo.clustering import (
     KMEANS_NITER,
@@ -76,7 +85,7 @@ from raybpo.rundir import (
 
 log = logging.getLogger(__name__)
 
-STAGE = "breadth"
+STAGE = BREADTH
 ROWS_PER_FILE = 250_000
 BLOCKS_PER_ACTOR = 4
 RANDOM_STREAM = 1  # the `random` baseline draws from (seed, RANDOM_STREAM)
@@ -267,18 +276,16 @@ def _stats(values: np.ndarray) -> dict[str, float]:
 def run_breadth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `breadth` stage: dedup, embed, cluster and select prompts into `breadth/prompts/` (see the module doc)."""
     run_dir = RunDir(cfg.run_dir)
-    ingest = require_stage(run_dir, "ingest")
+    ingest = require_stage(run_dir, INGEST)
     inputs = {"ingest": stage_identity(ingest)}
     breadth = cfg.breadth
 
     def body(stage_path: str) -> StageCounts:
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        pairs = pads.dataset(run_dir.path("ingest", "pairs"), filesystem=run_dir.fs, format="parquet").to_table(
-            columns=["pair_id", "prompt"]
-        )
+        pairs = ingested_pairs(run_dir, ["pair_id", "prompt"])
         if pairs.num_rows == 0:
-            raise BreadthError(f"{run_dir.uri_of('ingest', 'pairs')} holds no pairs: nothing to select from")
+            raise BreadthError(f"{run_dir.uri_of(*INGESTED_PAIRS)} holds no pairs: nothing to select from")
         distinct = dedup_prompts(pairs["pair_id"].to_pylist(), pairs["prompt"].to_pylist())
         n = len(distinct.keys)
         timings["read_dedup"] = time.perf_counter() - started
@@ -316,18 +323,18 @@ def run_breadth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
             },
             schema=PROMPTS_SCHEMA,
         ).sort_by([("cluster", "ascending"), ("rank", "ascending")])
-        run_dir.makedirs(STAGE, "prompts")
+        run_dir.makedirs(*BREADTH_PROMPTS)
         for part, start in enumerate(range(0, n, ROWS_PER_FILE)):
             pq.write_table(
                 table.slice(start, ROWS_PER_FILE),
-                run_dir.path(STAGE, "prompts", f"part-{part:05d}.parquet"),
+                run_dir.path(*BREADTH_PROMPTS, f"part-{part:05d}.parquet"),
                 filesystem=run_dir.fs,
             )
         sizes = np.bincount(sel.cluster, minlength=sel.num_clusters)
         kept_per_cluster = np.bincount(sel.cluster[sel.kept], minlength=sel.num_clusters)
         non_empty = sizes > 0
         run_dir.write_bytes(
-            f"{STAGE}/cluster_sizes.png",
+            relpath(BREADTH_CLUSTER_SIZES),
             plot_cluster_sizes(sizes[non_empty], kept_per_cluster[non_empty], breadth.eta, breadth.method),
         )
         timings["write"] = time.perf_counter() - started
@@ -355,7 +362,7 @@ def run_breadth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                     "objective": round(sel.objective, 6) if math.isfinite(sel.objective) else None,
                 },
                 "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
-                "outputs": {"prompts": "prompts/", "plot": "cluster_sizes.png"},
+                "outputs": {"prompts": in_stage(BREADTH_PROMPTS, folder=True), "plot": in_stage(BREADTH_CLUSTER_SIZES)},
             },
         )
 

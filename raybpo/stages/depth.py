@@ -45,12 +45,30 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import safetensors.torch
 import torch
 
+from raybpo.artifacts import (
+    CANDIDATE_PAIRS,
+    DEPTH,
+    DEPTH_CLUSTER_SIZES,
+    DEPTH_FEATURES,
+    DEPTH_FEATURES_FILE,
+    DEPTH_PAIRS_PER_PROMPT,
+    DEPTH_QUARANTINE,
+    DEPTH_WARMUP,
+    INGEST,
+    SCORE,
+    depth_selection,
+    depth_selection_file,
+    in_stage,
+    ingested_pairs,
+    read_table,
+    reference_model,
+    relpath,
+)
 from raybpo.cluster import init_ray
 from raybpo.clustering import (
     KMEANS_NITER,
@@ -71,8 +89,9 @@ from raybpo.models.gradients import (
 )
 from raybpo.models.loading import load_causal_lm
 from raybpo.models.logps import collate_pairs
+from raybpo.models.lora import add_lora
 from raybpo.models.tokenize import TokenizationError, encode_pair
-from raybpo.plots import png_bytes
+from raybpo.plots import png_bytes, pyplot
 from raybpo.projection import RademacherProjection
 from raybpo.rundir import (
     NO_CONTEXT,
@@ -84,11 +103,10 @@ from raybpo.rundir import (
     run_stage,
     stage_identity,
 )
-from raybpo.train.dpo import add_lora, reference_model
 
 log = logging.getLogger(__name__)
 
-STAGE = "depth"
+STAGE = DEPTH
 SELECTIONS = ("bpo", "random", "uniform", "original")
 RANDOM_STREAM, UNIFORM_STREAM, ORIGINAL_STREAM, STRATEGY_STREAM, WARMUP_STREAM = 1, 2, 3, 4, 5
 BLOCKS_PER_ACTOR = 4
@@ -372,10 +390,7 @@ PAIR_TEXT = ("prompt", "chosen", "rejected")
 
 def plot_pairs_per_prompt(allocations: dict[str, np.ndarray]) -> bytes:
     """PNG: histogram of pairs per prompt for each selection (BPO's dynamic depth against the baselines)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     top = max(int(a.max()) for a in allocations.values() if len(a))
@@ -418,13 +433,14 @@ def _selection_table(pairs: pa.Table, kept: np.ndarray, extra: dict[str, Any]) -
 def run_depth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `depth` stage: gradient features, clustering, the BPO selection and its baselines (module doc)."""
     run_dir = RunDir(cfg.run_dir)
-    score = require_stage(run_dir, "score")
-    ingest = require_stage(run_dir, "ingest")
-    reference, reference_manifest = reference_model(cfg, run_dir)
+    score = require_stage(run_dir, SCORE)
+    ingest = require_stage(run_dir, INGEST)
+    source = reference_model(cfg, run_dir)
+    reference = source.local()
     inputs = {
         "score": stage_identity(score),
         "ingest": stage_identity(ingest),
-        "reference": stage_identity(reference_manifest),
+        "reference": source.identity,
         "train_lora_and_lengths": json.dumps(cfg.train.model_dump(mode="json", include=TRAIN_KEYS), sort_keys=True),
     }
     depth = cfg.depth
@@ -432,10 +448,9 @@ def run_depth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     def body(stage_path: str) -> StageCounts:
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        pairs = pads.dataset(run_dir.path("score", "candidate_pairs"), filesystem=run_dir.fs, format="parquet")
-        pairs = pairs.to_table().sort_by("pair_id")
+        pairs = read_table(run_dir, CANDIDATE_PAIRS).sort_by("pair_id")
         if pairs.num_rows == 0:
-            raise DepthError(f"{run_dir.uri_of('score', 'candidate_pairs')} holds no pairs: nothing to select from")
+            raise DepthError(f"{run_dir.uri_of(*CANDIDATE_PAIRS)} holds no pairs: nothing to select from")
         pairs = pairs.append_column("prompt_key", pa.array([prompt_key(p) for p in pairs["prompt"].to_pylist()]))
 
         warmup = None
@@ -455,7 +470,7 @@ def run_depth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                     rows,
                 )
             )
-            run_dir.write_bytes(f"{STAGE}/warmup.safetensors", warmup)
+            run_dir.write_bytes(relpath(DEPTH_WARMUP), warmup)
             log.info("depth: warm-up of %d steps on %d pairs", -(-len(rows) // depth.batch_size), len(rows))
             timings["warmup"] = time.perf_counter() - started
 
@@ -470,7 +485,7 @@ def run_depth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
             raise DepthError("no candidate pair fits train.max_length: raise it or shorten the responses")
         x = _feature_matrix(featured_ids["feature"])
         grad_norm = featured_ids["grad_norm"].to_numpy()
-        run_dir.makedirs(STAGE, "features")
+        run_dir.makedirs(*DEPTH_FEATURES)
         pq.write_table(
             pa.table(
                 {
@@ -480,13 +495,13 @@ def run_depth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                     "feature": featured_ids["feature"],
                 }
             ),
-            run_dir.path(STAGE, "features", "part-00000.parquet"),
+            run_dir.path(*DEPTH_FEATURES_FILE),
             filesystem=run_dir.fs,
         )
         if quarantined.num_rows:
             pq.write_table(
                 quarantined.drop_columns(["feature", "grad_norm"]),
-                run_dir.path(STAGE, "quarantine.parquet"),
+                run_dir.path(*DEPTH_QUARANTINE),
                 filesystem=run_dir.fs,
             )
 
@@ -506,8 +521,7 @@ def run_depth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
         budget = int(kept["bpo"].sum())
         kept["random"] = select_random(n, budget, cfg.seed)
         kept["uniform"] = select_uniform(keys, gaps, pair_ids, budget, cfg.seed)
-        original = pads.dataset(run_dir.path("ingest", "pairs"), filesystem=run_dir.fs, format="parquet").to_table()
-        original = original.sort_by("pair_id")
+        original = ingested_pairs(run_dir).sort_by("pair_id")
         original = original.append_column(
             "prompt_key", pa.array([prompt_key(p) for p in original["prompt"].to_pylist()])
         )
@@ -519,21 +533,21 @@ def run_depth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
         tables = {name: _selection_table(pairs, kept[name], extra) for name in ("bpo", "random", "uniform")}
         tables["original"] = _selection_table(original, kept_original, {})
         for name, table in tables.items():
-            run_dir.makedirs(STAGE, "selections", name)
-            pq.write_table(table, run_dir.path(STAGE, "selections", name, "pairs.parquet"), filesystem=run_dir.fs)
+            run_dir.makedirs(*depth_selection(name))
+            pq.write_table(table, run_dir.path(*depth_selection_file(name)), filesystem=run_dir.fs)
 
         per_prompt = {
             name: np.array(list(Counter(table["prompt_key"].to_pylist()).values())) for name, table in tables.items()
         }
         run_dir.write_bytes(
-            f"{STAGE}/pairs_per_prompt.png",
+            relpath(DEPTH_PAIRS_PER_PROMPT),
             plot_pairs_per_prompt({name: per_prompt[name] for name in ("bpo", "uniform")}),
         )
         sizes = np.bincount(cluster, minlength=k)
         kept_per_cluster = np.bincount(cluster[kept["bpo"]], minlength=k)
         non_empty = sizes > 0
         run_dir.write_bytes(
-            f"{STAGE}/cluster_sizes.png",
+            relpath(DEPTH_CLUSTER_SIZES),
             plot_cluster_sizes(sizes[non_empty], kept_per_cluster[non_empty], depth.eta, depth.strategy, unit="pairs"),
         )
         selected = tables[depth.selection].num_rows
@@ -587,12 +601,12 @@ def run_depth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                 },
                 "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
                 "outputs": {
-                    "features": "features/",
-                    **{f"selection_{name}": f"selections/{name}/" for name in tables},
-                    "pairs_per_prompt": "pairs_per_prompt.png",
-                    "cluster_sizes": "cluster_sizes.png",
-                    **({"quarantine": "quarantine.parquet"} if quarantined.num_rows else {}),
-                    **({"warmup": "warmup.safetensors"} if warmup is not None else {}),
+                    "features": in_stage(DEPTH_FEATURES, folder=True),
+                    **{f"selection_{name}": in_stage(depth_selection(name), folder=True) for name in tables},
+                    "pairs_per_prompt": in_stage(DEPTH_PAIRS_PER_PROMPT),
+                    "cluster_sizes": in_stage(DEPTH_CLUSTER_SIZES),
+                    **({"quarantine": in_stage(DEPTH_QUARANTINE)} if quarantined.num_rows else {}),
+                    **({"warmup": in_stage(DEPTH_WARMUP)} if warmup is not None else {}),
                 },
             },
         )

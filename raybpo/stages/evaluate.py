@@ -11,8 +11,8 @@ prompts:
   distinct prompts of the ingested pairs in the `eval` split (`train.eval_fraction`) that no training-split
   pair shares; the first `evaluate.num_prompts` of them;
 - samples: `evaluate.samples_per_prompt` per prompt and policy, sample i of a prompt drawn with the seed
-  `sample_seed(seed, prompt_key, i)` by every policy (the generate stage's `HfGenerator` in a Ray Data
-  actor pool), so each comparison is paired;
+  `sample_seed(seed, prompt_key, i)` by every policy (`raybpo.models.generation.PolicySampler`, the generate
+  stage's `HfGenerator` for each policy, in a Ray Data actor pool), so each comparison is paired;
 - judge (`evaluate.judge`): `oracle` (the benchmark's ground truth, `benchmark.mean_utility`),
   `reward_model` or `judge` (an LLM judge), the score stage's scorers, scoring every response alone;
 - outcomes, win rates and their intervals: `raybpo.metrics.winrates`; a comparison with a failed
@@ -30,15 +30,38 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 
+from raybpo import artifacts
+from raybpo.artifacts import (
+    BENCHMARK_EVAL_PROMPTS,
+    COMPARISONS_FILE,
+    EVALUATE,
+    EVALUATE_QUARANTINE,
+    EVALUATION,
+    INGEST,
+    INGESTED_PAIRS,
+    JUDGEMENTS_QUARANTINE,
+    TRAIN,
+    WINRATES_PLOT,
+    WINRATES_TABLE,
+    in_stage,
+    ingested_pairs,
+    judge_model,
+    prepared_inputs,
+    read_table,
+    reference_model,
+    relpath,
+    trained_pairs,
+)
 from raybpo.cluster import init_ray
 from raybpo.config import Config, ConfigError, GenerateConfig, variant_stage
 from raybpo.data import benchmark
 from raybpo.data.schema import prompt_key
+from raybpo.data.splits import split_of
 from raybpo.metrics.winrates import BASELINE, compare, plot_winrates, summarize, winrate_markdown
+from raybpo.models.generation import PolicySampler
 from raybpo.rundir import (
     MANIFEST,
     NO_CONTEXT,
@@ -51,26 +74,21 @@ from raybpo.rundir import (
     run_stage,
     stage_identity,
 )
-from raybpo.stages.generate import HfGenerator
-from raybpo.stages.score import SCORED, JudgeScorer, RewardModelScorer, oracle_batch, scorer_model
-from raybpo.train.dpo import reference_model
-from raybpo.train.prepare import split_of
+from raybpo.stages.score import SCORED, JudgeScorer, RewardModelScorer, oracle_batch
 
-STAGE = "evaluate"
-MAIN = "train"
+STAGE = EVALUATE
+MAIN = TRAIN
 
 
 def held_out_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[str], str]:
     """The prompts to evaluate on (see the module docstring) and where they come from; at most `num_prompts`."""
-    require_stage(run_dir, "ingest")
-    relpath = f"ingest/benchmark/{benchmark.EVAL_PROMPTS}"
-    if run_dir.exists(relpath):
-        lines = run_dir.read_bytes(relpath).decode().splitlines()
-        prompts, source = [json.loads(line)["prompt"] for line in lines if line.strip()], relpath
+    require_stage(run_dir, INGEST)
+    if run_dir.exists(*BENCHMARK_EVAL_PROMPTS):
+        source = relpath(BENCHMARK_EVAL_PROMPTS)
+        lines = run_dir.read_bytes(source).decode().splitlines()
+        prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
     else:
-        table = pads.dataset(run_dir.path("ingest", "pairs"), filesystem=run_dir.fs).to_table(
-            columns=["pair_id", "prompt"]
-        )
+        table = ingested_pairs(run_dir, ["pair_id", "prompt"])
         split = {"train": set(), "eval": set()}
         by_key: dict[str, str] = {}
         for pair_id, prompt in zip(table["pair_id"].to_pylist(), table["prompt"].to_pylist(), strict=True):
@@ -78,7 +96,10 @@ def held_out_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[str], str]:
             split[split_of(pair_id, cfg.train.eval_fraction)].add(key)
             by_key.setdefault(key, prompt)
         prompts = [by_key[k] for k in sorted(split["eval"] - split["train"])]
-        source = f"ingest/pairs, eval split (train.eval_fraction={cfg.train.eval_fraction:g}) without training prompts"
+        source = (
+            f"{relpath(INGESTED_PAIRS)}, eval split (train.eval_fraction={cfg.train.eval_fraction:g}) "
+            "without training prompts"
+        )
     distinct: dict[str, str] = {}
     for prompt in prompts:
         distinct.setdefault(prompt_key(prompt), prompt)
@@ -105,35 +126,22 @@ def trained_policy(run_dir: RunDir, stage: str, variant: str | None = None) -> P
             f"{run_dir.uri_of(stage)} has no finished run (no {MANIFEST}): the variant {variant!r} of "
             f"evaluate.variants is the stage {stage}: run `raybpo train --variant {variant}` (or `raybpo run`) first"
         )
-    manifest = require_stage(run_dir, stage)
-    if not run_dir.exists(stage, "policy", "merged"):
-        raise StageMissingError(
-            f"{run_dir.uri_of(stage)} has no merged policy (policy/merged/): rerun it with train.merge=true"
-        )
-    return Policy(stage, variant, run_dir.local_dir(stage, "policy", "merged"), manifest)
-
-
-def _input_parts(manifest: dict[str, Any]) -> tuple[str, ...]:
-    """A train stage's input pairs folder, relative to the run dir (the manifest holds its full path)."""
-    parts = manifest["pairs"]["input"].rstrip("/").split("/")
-    return tuple(parts[-3:]) if parts[-3:-1] == ["depth", "selections"] else tuple(parts[-2:])
+    source = artifacts.trained_policy(run_dir, stage)
+    return Policy(stage, variant, source.local(), source.manifest)
 
 
 def trained_selection(manifest: dict[str, Any]) -> str:
     """Which pairs a train stage used: `ingested` (all of them) or the depth stage's selection (bpo, random, ...)."""
-    parts = _input_parts(manifest)
-    return "ingested" if parts == ("ingest", "pairs") else parts[-1]
+    parts = trained_pairs(manifest)
+    return "ingested" if parts == INGESTED_PAIRS else parts[-1]
 
 
 def data_budget(run_dir: RunDir, stage: str) -> tuple[int, int]:
     """(pairs, distinct prompts) a train stage trained on: its prepared training-split pairs that fit."""
-    prepared = pads.dataset(run_dir.path(stage, "prepared"), filesystem=run_dir.fs).to_table(
-        columns=["pair_id", "split", "reason"]
-    )
+    prepared = read_table(run_dir, prepared_inputs(stage), ["pair_id", "split", "reason"])
     used = prepared.filter(pc.and_(pc.equal(prepared["split"], "train"), pc.equal(prepared["reason"], "")))
     ids = set(used["pair_id"].to_pylist())
-    inputs = run_dir.path(*_input_parts(run_dir.read_json(f"{stage}/{MANIFEST}")))
-    pairs = pads.dataset(inputs, filesystem=run_dir.fs).to_table(columns=["pair_id", "prompt"])
+    pairs = read_table(run_dir, trained_pairs(run_dir.read_json(f"{stage}/{MANIFEST}")), ["pair_id", "prompt"])
     prompts = {
         prompt_key(p)
         for i, p in zip(pairs["pair_id"].to_pylist(), pairs["prompt"].to_pylist(), strict=True)
@@ -150,28 +158,6 @@ def loss_settings(manifest: dict[str, Any]) -> dict[str, Any]:
     if train["alpha"] == 0 and train["rho"] == 1:
         return {**settings, "loss_label": f"{loss} ({beta0})"}
     return {**settings, "loss_label": f"beta-{loss} (alpha={train['alpha']:g}, rho={train['rho']:g}, {beta0})"}
-
-
-class PolicySampler:
-    """Ray Data actor: rows (policy, model, prompt, prompt_key) -> `HfGenerator`'s seeded samples of each.
-
-    One model is held at a time; the rows come in one block per policy, so an actor loads each model about once.
-    The `origin` column names the policy that wrote the response.
-    """
-
-    def __init__(self, policy: dict, generate: dict, seed: int):
-        self.args = (policy, generate, seed)
-        self.loaded: tuple[str, HfGenerator] | None = None
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for name, model in dict.fromkeys(zip(batch["policy"].to_pylist(), batch["model"].to_pylist(), strict=True)):
-            if self.loaded is None or self.loaded[0] != model:
-                self.loaded = (model, HfGenerator(model, *self.args))
-            samples = self.loaded[1](batch.filter(pc.equal(batch["policy"], name)))
-            index = samples.schema.get_field_index("origin")
-            out.append(samples.set_column(index, "origin", pa.array([name] * samples.num_rows, pa.string())))
-        return pa.concat_tables(out)
 
 
 def sampling_config(cfg: Config) -> GenerateConfig:
@@ -203,14 +189,8 @@ class Judge:
 def judge_setup(cfg: Config, run_dir: RunDir) -> Judge:
     """The judge `evaluate.judge` names, with what identifies it in the manifest (never an API key)."""
     if cfg.evaluate.judge == "reward_model":
-        if cfg.evaluate.reward_model:
-            model, identity = cfg.evaluate.reward_model, f"external:{cfg.evaluate.reward_model}"
-        elif run_dir.exists("reward", "judge"):  # reward.judge_model: the half that scored no candidates
-            identity = f"{stage_identity(require_stage(run_dir, 'reward'))}#judge"
-            model = run_dir.local_dir("reward", "judge")
-        else:
-            model, manifest = scorer_model(cfg, run_dir)
-            identity = stage_identity(manifest)
+        source = judge_model(cfg, run_dir)
+        model, identity = source.local(), source.identity
         args = {"model": model, "max_length": cfg.reward.max_length}
         return Judge(RewardModelScorer, args, f"{identity}#max_length={cfg.reward.max_length}", f"reward model {model}")
     if cfg.evaluate.judge == "judge":
@@ -286,13 +266,14 @@ def run_evaluate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `evaluate` stage: win rates vs SFT of `train` and of every variant's stage `train-<name>`, into
     `evaluate/`. It trains nothing: the pipeline runs the variants before it (raybpo/graph.py)."""
     run_dir = RunDir(cfg.run_dir)
-    baseline, baseline_manifest = reference_model(cfg, run_dir)
+    reference = reference_model(cfg, run_dir)
+    baseline, baseline_manifest = reference.local(), reference.manifest
     policies = [trained_policy(run_dir, MAIN)]
     policies += [trained_policy(run_dir, variant_stage(name), name) for name in cfg.evaluate.variants]
     prompts, prompt_source = held_out_prompts(cfg, run_dir)
     judge = judge_setup(cfg, run_dir)
     inputs = {
-        "prompts": stage_identity(require_stage(run_dir, "ingest")),
+        "prompts": stage_identity(require_stage(run_dir, INGEST)),
         BASELINE: stage_identity(baseline_manifest),
         **{p.stage: stage_identity(p.manifest) for p in policies},
         "judge": judge.identity,
@@ -314,14 +295,14 @@ def run_evaluate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
             "interval": "normal interval on the mean outcome (win 1, tie 0.5, loss 0), sample std, clipped to [0, 1]",
             "policies": rows,
         }
-        run_dir.write_json(f"{STAGE}/evaluation.json", evaluation)
-        run_dir.write_bytes(f"{STAGE}/winrates.md", winrate_markdown(evaluation).encode())
-        run_dir.write_bytes(f"{STAGE}/winrates.png", plot_winrates(evaluation))
-        pq.write_table(comparisons, run_dir.path(STAGE, "comparisons.parquet"), filesystem=run_dir.fs)
+        run_dir.write_json(relpath(EVALUATION), evaluation)
+        run_dir.write_bytes(relpath(WINRATES_TABLE), winrate_markdown(evaluation).encode())
+        run_dir.write_bytes(relpath(WINRATES_PLOT), plot_winrates(evaluation))
+        pq.write_table(comparisons, run_dir.path(*COMPARISONS_FILE), filesystem=run_dir.fs)
         failed = responses.filter(pc.not_equal(responses["reason"], ""))
         if failed.num_rows:
-            run_dir.makedirs(STAGE, "quarantine")
-            pq.write_table(failed, run_dir.path(STAGE, "quarantine", "judgements.parquet"), filesystem=run_dir.fs)
+            run_dir.makedirs(*EVALUATE_QUARANTINE)
+            pq.write_table(failed, run_dir.path(*JUDGEMENTS_QUARANTINE), filesystem=run_dir.fs)
         reasons = Counter(r for r in comparisons["reason"].to_pylist() if r)
         main = rows[0]
         return StageCounts(
@@ -340,11 +321,11 @@ def run_evaluate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                     for r in rows
                 },
                 "outputs": {
-                    "evaluation": "evaluation.json",
-                    "table": "winrates.md",
-                    "plot": "winrates.png",
-                    "comparisons": "comparisons.parquet",
-                    **({"quarantine": "quarantine/"} if failed.num_rows else {}),
+                    "evaluation": in_stage(EVALUATION),
+                    "table": in_stage(WINRATES_TABLE),
+                    "plot": in_stage(WINRATES_PLOT),
+                    "comparisons": in_stage(COMPARISONS_FILE),
+                    **({"quarantine": in_stage(EVALUATE_QUARANTINE, folder=True)} if failed.num_rows else {}),
                 },
             },
         )

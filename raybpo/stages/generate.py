@@ -5,32 +5,39 @@ prompt is drawn with the seed `sample_seed(seed, prompt_key, i)`, so its text de
 (not the batch, the actor, nor a rerun). The original chosen and rejected responses of the prompt's
 pairs join the pool (docs/ALGORITHMS.md section 3.2). Two backends, one output schema:
 
-- `hf` (CPU or GPU): an actor pool of Hugging Face models (`sample_seeded`), `concurrency` actors with
-  `num_gpus` each; Ray Data retries a crashed actor's batch.
+- `hf` (CPU or GPU): an actor pool of Hugging Face models (`raybpo.models.generation.HfGenerator`, drawing with
+  `sample_seeded`), `concurrency` actors with `num_gpus` each; Ray Data retries a crashed actor's batch.
 - `vllm` (GPU clusters): Ray Data's LLM API (`ray.data.llm.build_processor` with a
   `vLLMEngineProcessorConfig`): the same prompts as chat messages, one request per sample with its
   seed in the sampling parameters.
 
-Output `<run_dir>/generate/candidates/`: prompt_key, prompt, candidate (index), origin (`policy`,
-`chosen` or `rejected`), response, seed (null for originals).
+Output `<run_dir>/generate/candidates/` (`CANDIDATE_SCHEMA`): prompt_key, prompt, candidate (index), origin
+(`policy`, `chosen` or `rejected`), response, seed (null for originals).
 """
 
 from __future__ import annotations
 
 import functools
-import posixpath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import ray
 
+from raybpo.artifacts import (
+    BREADTH,
+    BREADTH_PROMPTS,
+    CANDIDATES,
+    GENERATE,
+    in_stage,
+    ingested_pairs,
+    read_table,
+    reference_model,
+)
 from raybpo.cluster import init_ray
-from raybpo.config import Config, GenerateConfig, PolicyConfig
-from raybpo.data.schema import prompt_key, prompt_messages
-from raybpo.models.generation import sample_seed, sample_seeded
-from raybpo.models.loading import load_causal_lm
+from raybpo.config import Config, GenerateConfig
+from raybpo.data.schema import CANDIDATE_SCHEMA, prompt_key, prompt_messages
+from raybpo.models.generation import HfGenerator, sample_seed
 from raybpo.rundir import (
     NO_CONTEXT,
     RunDir,
@@ -41,62 +48,9 @@ from raybpo.rundir import (
     run_stage,
     stage_identity,
 )
-from raybpo.train.dpo import reference_model
 
-STAGE = "generate"
-CANDIDATES = pa.schema(
-    [
-        ("prompt_key", pa.string()),
-        ("prompt", pa.string()),
-        ("candidate", pa.int32()),
-        ("origin", pa.string()),
-        ("response", pa.string()),
-        ("seed", pa.int64()),
-    ]
-)
+STAGE = GENERATE
 ROWS_PER_FILE = 250_000
-
-
-class HfGenerator:
-    """Ray Data actor: kept prompts -> `n` seeded samples each, from a model loaded once."""
-
-    def __init__(self, model: str, policy: dict, generate: dict, seed: int):
-        self.policy = PolicyConfig.model_validate(policy)
-        self.cfg = GenerateConfig.model_validate(generate)
-        self.seed = seed
-        self.model, self.tokenizer = load_causal_lm(model, self.policy)
-        if self.cfg.num_gpus > 0:
-            self.model.to("cuda")
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [
-            (p, k, i)
-            for p, k in zip(batch["prompt"].to_pylist(), batch["prompt_key"].to_pylist(), strict=True)
-            for i in range(self.cfg.n)
-        ]
-        seeds = [sample_seed(self.seed, k, i) for _, k, i in rows]
-        texts = sample_seeded(
-            self.model,
-            self.tokenizer,
-            [p for p, _, _ in rows],
-            seeds,
-            self.cfg.max_new_tokens,
-            self.cfg.temperature,
-            self.cfg.top_p,
-            self.policy.use_chat_template,
-            self.cfg.max_prompt_length,
-        )
-        return pa.table(
-            {
-                "prompt_key": [k for _, k, _ in rows],
-                "prompt": [p for p, _, _ in rows],
-                "candidate": [i for _, _, i in rows],
-                "origin": ["policy"] * len(rows),
-                "response": texts,
-                "seed": seeds,
-            },
-            schema=CANDIDATES,
-        )
 
 
 def vllm_requests(row: dict[str, Any], n: int, seed: int, cfg: dict) -> list[dict[str, Any]]:
@@ -148,7 +102,7 @@ def vllm_processor(model: str, cfg: GenerateConfig):
 
 def original_candidates(pairs: pa.Table, kept: dict[str, str], n: int) -> pa.Table:
     """The distinct chosen and rejected responses of each kept prompt's pairs, numbered after the samples."""
-    out: dict[str, list] = {name: [] for name in CANDIDATES.names}
+    out: dict[str, list] = {name: [] for name in CANDIDATE_SCHEMA.names}
     seen: set[tuple[str, str]] = set()
     counters: dict[str, int] = {}
     for prompt, chosen, rejected in zip(*(pairs[c].to_pylist() for c in ("prompt", "chosen", "rejected")), strict=True):
@@ -161,22 +115,22 @@ def original_candidates(pairs: pa.Table, kept: dict[str, str], n: int) -> pa.Tab
             seen.add((key, response))
             index = n + counters.get(key, 0)
             counters[key] = counters.get(key, 0) + 1
-            for name, value in zip(CANDIDATES.names, (key, kept[key], index, origin, response, None), strict=True):
+            values = (key, kept[key], index, origin, response, None)
+            for name, value in zip(CANDIDATE_SCHEMA.names, values, strict=True):
                 out[name].append(value)
-    return pa.table(out, schema=CANDIDATES)
+    return pa.table(out, schema=CANDIDATE_SCHEMA)
 
 
 def run_generate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `generate` stage: candidates for the breadth stage's kept prompts into `generate/candidates/`."""
     run_dir = RunDir(cfg.run_dir)
-    breadth = require_stage(run_dir, "breadth")
-    model, reference = reference_model(cfg, run_dir)
-    inputs = {"breadth": stage_identity(breadth), "policy": stage_identity(reference)}
+    breadth = require_stage(run_dir, BREADTH)
+    reference = reference_model(cfg, run_dir)
+    model = reference.local()
+    inputs = {"breadth": stage_identity(breadth), "policy": reference.identity}
 
     def body(stage_path: str) -> StageCounts:
-        prompts = pads.dataset(run_dir.path("breadth", "prompts"), filesystem=run_dir.fs).to_table(
-            columns=["prompt", "prompt_key", "kept"]
-        )
+        prompts = read_table(run_dir, BREADTH_PROMPTS, ["prompt", "prompt_key", "kept"])
         prompts = prompts.filter(pc.field("kept")).select(["prompt", "prompt_key"]).sort_by("prompt_key")
         kept = dict(zip(prompts["prompt_key"].to_pylist(), prompts["prompt"].to_pylist(), strict=True))
         source = ray.data.from_arrow(prompts)
@@ -200,14 +154,10 @@ def run_generate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                 num_cpus=cfg.generate.num_cpus,
                 num_gpus=cfg.generate.num_gpus,
             )
-        pairs = pads.dataset(run_dir.path("ingest", "pairs"), filesystem=run_dir.fs).to_table(
-            columns=["prompt", "chosen", "rejected"]
-        )
+        pairs = ingested_pairs(run_dir, ["prompt", "chosen", "rejected"])
         originals = original_candidates(pairs, kept, cfg.generate.n)
         candidates = sampled.union(ray.data.from_arrow(originals)).materialize()
-        candidates.write_parquet(
-            posixpath.join(stage_path, "candidates"), filesystem=run_dir.fs, min_rows_per_file=ROWS_PER_FILE
-        )
+        candidates.write_parquet(run_dir.path(*CANDIDATES), filesystem=run_dir.fs, min_rows_per_file=ROWS_PER_FILE)
         sampled_count = candidates.count() - originals.num_rows
         return StageCounts(
             rows_in=len(kept),
@@ -218,7 +168,7 @@ def run_generate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                 "originals": originals.num_rows,
                 "backend": cfg.generate.backend,
                 "model": model,
-                "outputs": {"candidates": "candidates/"},
+                "outputs": {"candidates": in_stage(CANDIDATES, folder=True)},
             },
         )
 

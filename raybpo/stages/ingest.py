@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from raybpo.artifacts import INGEST, INGEST_QUARANTINE, INGESTED_PAIRS, benchmark_file, in_stage, relpath
 from raybpo.cluster import init_ray
 from raybpo.config import Config, SourceSpec
 from raybpo.data import benchmark
@@ -35,7 +36,7 @@ from raybpo.rundir import NO_CONTEXT, RunDir, StageContext, StageCounts, StageRe
 
 log = logging.getLogger(__name__)
 
-STAGE = "ingest"
+STAGE = INGEST
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 HF_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 DETECT_ROWS = 20
@@ -258,9 +259,9 @@ def _write_benchmark(cfg: Config, run_dir: RunDir) -> list[SourceSpec]:
     """Generate the built-in benchmark into `ingest/benchmark/`; its pair files become TRL sources."""
     specs = []
     for filename, data in benchmark.generate(cfg.benchmark).items():
-        run_dir.write_bytes(f"{STAGE}/benchmark/{filename}", data)
+        run_dir.write_bytes(relpath(benchmark_file(filename)), data)
         if filename != benchmark.EVAL_PROMPTS:
-            uri = run_dir.uri_of(STAGE, "benchmark", filename)
+            uri = run_dir.uri_of(*benchmark_file(filename))
             specs.append(SourceSpec(path=uri, format="trl", name=filename.removesuffix(".jsonl")))
     return specs
 
@@ -295,13 +296,13 @@ def ingest(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
         if len(set(names)) != len(names):
             dupes = sorted(n for n, c in Counter(names).items() if c > 1)
             raise IngestError(f"two inputs share the source name(s) {dupes}: give each a name=...")
-        return _ingest_sources(cfg, sources, run_dir, stage_path)
+        return _ingest_sources(cfg, sources, run_dir)
 
     init_ray(cfg.ray)
     return run_stage(run_dir, STAGE, cfg, sections, _input_hashes(cfg, user_sources), body)
 
 
-def _ingest_sources(cfg: Config, sources: list[ResolvedSource], run_dir: RunDir, stage_path: str) -> StageCounts:
+def _ingest_sources(cfg: Config, sources: list[ResolvedSource], run_dir: RunDir) -> StageCounts:
     records = read_records(sources[0])
     for source in sources[1:]:
         records = records.union(read_records(source))
@@ -323,10 +324,8 @@ def _ingest_sources(cfg: Config, sources: list[ResolvedSource], run_dir: RunDir,
     if rows_quarantined:
         parsed.map_batches(
             functools.partial(_select, bad=True, columns=QUARANTINE_SCHEMA.names), batch_format="pyarrow"
-        ).write_parquet(
-            posixpath.join(stage_path, "quarantine"), filesystem=run_dir.fs, min_rows_per_file=ROWS_PER_FILE
-        )
-    _check_bad_share(by_file, cfg.ingest.max_bad_fraction, run_dir.path(STAGE, "quarantine"))
+        ).write_parquet(run_dir.path(*INGEST_QUARANTINE), filesystem=run_dir.fs, min_rows_per_file=ROWS_PER_FILE)
+    _check_bad_share(by_file, cfg.ingest.max_bad_fraction, run_dir.path(*INGEST_QUARANTINE))
 
     good = parsed.map_batches(
         functools.partial(_select, bad=False, columns=[*PAIR_SCHEMA.names, "file", "row"]), batch_format="pyarrow"
@@ -337,7 +336,7 @@ def _ingest_sources(cfg: Config, sources: list[ResolvedSource], run_dir: RunDir,
     pairs = good.map_batches(lambda t: t.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA), batch_format="pyarrow")
     pairs = pairs.materialize()
     rows_out = pairs.count()
-    pairs.write_parquet(posixpath.join(stage_path, "pairs"), filesystem=run_dir.fs, min_rows_per_file=ROWS_PER_FILE)
+    pairs.write_parquet(run_dir.path(*INGESTED_PAIRS), filesystem=run_dir.fs, min_rows_per_file=ROWS_PER_FILE)
 
     per_source = {s.name: {"format": s.format, "inputs": list(s.files) or [s.spec.path]} for s in sources}
     return StageCounts(
@@ -353,7 +352,10 @@ def _ingest_sources(cfg: Config, sources: list[ResolvedSource], run_dir: RunDir,
                 for file, counts in sorted(by_file.items())
                 if any(counts.keys() - {""})
             },
-            "outputs": {"pairs": "pairs/", **({"quarantine": "quarantine/"} if rows_quarantined else {})},
+            "outputs": {
+                "pairs": in_stage(INGESTED_PAIRS, folder=True),
+                **({"quarantine": in_stage(INGEST_QUARANTINE, folder=True)} if rows_quarantined else {}),
+            },
         },
     )
 

@@ -1,12 +1,17 @@
 """The `score` stage (Ray Data): a scalar per candidate, then candidate pairs (docs/ALGORITHMS.md 3.2).
 
-Scorers, one interface (`scorer.score(prompts, responses) -> (scores, reasons)`):
-- `reward_model`: an actor pool of a one-output sequence-classification model (`score.reward_model`,
-  default the reward stage's `reward/model/`, e.g. the MORE-trained one);
-- `judge`: an LLM judge at an OpenAI-compatible URL (`raybpo.scoring.judge.JudgeClient`: concurrent,
-  rate-limited, retried; the API key from the environment variable named in the config);
-- `oracle`: the built-in benchmark's ground-truth utility (its source average). It exists only for
-  the benchmark and is labelled `oracle` in the manifest and the pairs' `source`.
+Scorers, one interface: a Ray Data `map_batches` callable taking a pyarrow batch of candidates (prompt,
+response, ...) to the same rows as `SCORED`, each with its `score` and a `reason` ("" when scored; a failed
+judgement keeps a null score and its reason):
+- `reward_model` (`RewardModelScorer`, an actor): a one-output sequence-classification model
+  (`score.reward_model`, default the reward stage's `reward/model/`, e.g. the MORE-trained one);
+- `judge` (`JudgeScorer`, one actor holding one client): an LLM judge at an OpenAI-compatible URL
+  (`raybpo.scoring.judge.JudgeClient.score_many`: concurrent, rate-limited, retried; the API key from the
+  environment variable named in the config);
+- `oracle` (`oracle_batch`, a function): the built-in benchmark's ground-truth utility (its source average).
+  It exists only for the benchmark and is labelled `oracle` in the manifest and the pairs' `source`.
+The evaluate stage judges policies' responses with the same scorers.
+
 A candidate whose judgement fails for good is quarantined (`score/quarantine/`) with its reason; the
 rest are paired per prompt by `uniform_pairs` (rank i with rank n+1-i) or `all_pairs`, dropping
 pairs whose score gap is below `score.min_gap`, and written as canonical pairs
@@ -24,6 +29,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from raybpo.artifacts import (
+    CANDIDATE_PAIRS,
+    CANDIDATE_PAIRS_FILE,
+    CANDIDATES,
+    GENERATE,
+    SCORE,
+    SCORE_QUARANTINE,
+    SCORE_QUARANTINE_FILE,
+    SCORED_CANDIDATES,
+    SCORED_CANDIDATES_FILE,
+    in_stage,
+    relpath,
+    scorer_model,
+)
 from raybpo.cluster import init_ray
 from raybpo.config import Config, JudgeConfig
 from raybpo.data import benchmark
@@ -40,7 +59,7 @@ from raybpo.rundir import (
     stage_identity,
 )
 
-STAGE = "score"
+STAGE = SCORE
 RM_BATCH = 32
 SCORED = pa.schema(
     [
@@ -164,28 +183,19 @@ def make_pairs(scored: pa.Table, rule: str, min_gap: float, source: str) -> pa.T
     return pa.table(out, schema=PAIR_SCHEMA)
 
 
-def scorer_model(cfg: Config, run_dir: RunDir) -> tuple[str, dict]:
-    """The reward model to score with: `score.reward_model`, else the reward stage's output."""
-    if cfg.score.reward_model:
-        return cfg.score.reward_model, {"config_hash": cfg.section_hash("score"), "created_at": "external"}
-    manifest = require_stage(run_dir, "reward")
-    if not run_dir.exists("reward", "model"):
-        raise ValueError("the reward stage ran in single/average mode: set score.reward_model to one model folder")
-    return run_dir.local_dir("reward", "model"), manifest
-
-
 def run_score(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `score` stage: score `generate/candidates/`, quarantine failed judgements, write candidate pairs."""
     run_dir = RunDir(cfg.run_dir)
-    generate = require_stage(run_dir, "generate")
+    generate = require_stage(run_dir, GENERATE)
     inputs = {"generate": stage_identity(generate)}
     model = None
     if cfg.score.scorer == "reward_model":
-        model, manifest = scorer_model(cfg, run_dir)
-        inputs["reward_model"] = stage_identity(manifest)
+        scorer = scorer_model(cfg, run_dir)
+        model = scorer.local()
+        inputs["reward_model"] = scorer.identity
 
     def body(stage_path: str) -> StageCounts:
-        candidates = ray.data.read_parquet(run_dir.path("generate", "candidates"), filesystem=run_dir.fs)
+        candidates = ray.data.read_parquet(run_dir.path(*CANDIDATES), filesystem=run_dir.fs)
         if cfg.score.scorer == "reward_model":
             scored = candidates.map_batches(
                 RewardModelScorer,
@@ -209,11 +219,11 @@ def run_score(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
         bad = pc.not_equal(table["reason"], "")
         good, quarantined = table.filter(pc.invert(bad)), table.filter(bad)
         if quarantined.num_rows:
-            run_dir.write_bytes(f"{STAGE}/quarantine/candidates.parquet", _parquet_bytes(quarantined))
-        run_dir.write_bytes(f"{STAGE}/scored/candidates.parquet", _parquet_bytes(good))
+            run_dir.write_bytes(relpath(SCORE_QUARANTINE_FILE), _parquet_bytes(quarantined))
+        run_dir.write_bytes(relpath(SCORED_CANDIDATES_FILE), _parquet_bytes(good))
         source = f"bpo:{cfg.score.scorer}"
         pairs = make_pairs(good, cfg.score.pairs, cfg.score.min_gap, source)
-        run_dir.write_bytes(f"{STAGE}/candidate_pairs/pairs.parquet", _parquet_bytes(pairs))
+        run_dir.write_bytes(relpath(CANDIDATE_PAIRS_FILE), _parquet_bytes(pairs))
         reasons = Counter(quarantined["reason"].to_pylist())
         return StageCounts(
             rows_in=table.num_rows,
@@ -229,9 +239,9 @@ def run_score(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                 "pair_rule": cfg.score.pairs,
                 "prompts": len(set(good["prompt_key"].to_pylist())),
                 "outputs": {
-                    "scored": "scored/",
-                    "candidate_pairs": "candidate_pairs/",
-                    **({"quarantine": "quarantine/"} if quarantined.num_rows else {}),
+                    "scored": in_stage(SCORED_CANDIDATES, folder=True),
+                    "candidate_pairs": in_stage(CANDIDATE_PAIRS, folder=True),
+                    **({"quarantine": in_stage(SCORE_QUARANTINE, folder=True)} if quarantined.num_rows else {}),
                 },
             },
         )

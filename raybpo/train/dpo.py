@@ -14,48 +14,42 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
+from raybpo.artifacts import (
+    CHECKPOINTS,
+    TRAIN,
+    in_stage,
+    input_pairs,
+    merged_policy,
+    policy_adapter,
+    prepared_inputs,
+    reference_model,
+    relpath,
+    tensorboard,
+    training_metrics,
+)
 from raybpo.cluster import init_ray
 from raybpo.config import Config, PolicyConfig, TrainConfig
 from raybpo.losses import BetaDPO, dpo_logits, dpo_loss, ipo_loss
 from raybpo.models.loading import load_causal_lm, load_tokenizer
 from raybpo.models.logps import collate_pairs, pair_logps
+from raybpo.models.lora import ADAPTER_WEIGHTS, add_lora
 from raybpo.rundir import (
-    MANIFEST,
     NO_CONTEXT,
     RunDir,
     StageContext,
     StageCounts,
-    StageMissingError,
     StageResult,
-    require_stage,
     run_stage,
     stage_identity,
 )
 from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl, unwrap
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
 
-STAGE = "train"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def lora_config(cfg: TrainConfig) -> LoraConfig:
-    """LoRA adapters on `cfg.lora_target_modules`, no dropout (exact and reproducible), no bias."""
-    return LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        target_modules=list(cfg.lora_target_modules),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def add_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    return get_peft_model(model, lora_config(cfg))
+STAGE = TRAIN
 
 
 class DpoRecipe(Recipe):
@@ -145,36 +139,12 @@ def make_dpo_recipe(run_dir: str, stage: str, reference: str, policy: dict, trai
     """Built inside each Ray Train worker: reads the prepared pairs of `stage` in `run_dir`."""
     rd = RunDir(run_dir)
     return DpoRecipe(
-        load_prepared(rd.path(stage, "prepared"), rd),
+        load_prepared(rd.path(*prepared_inputs(stage)), rd),
         reference,
         PolicyConfig.model_validate(policy),
         TrainConfig.model_validate(train),
         seed,
     )
-
-
-def input_pairs(run_dir: RunDir, selection: str | None = None) -> tuple[str, dict]:
-    """The pairs to train on: the depth stage's selection when it has run, else all ingested pairs.
-
-    The depth stage writes `selections/{bpo,random,uniform,original}/` at one budget and names the one to
-    train on (`depth.selection`) in its manifest; `selection` picks another (how evaluation trains the baselines).
-    """
-    if selection is None and not run_dir.exists("depth", MANIFEST):
-        return run_dir.path("ingest", "pairs"), require_stage(run_dir, "ingest")
-    depth = require_stage(run_dir, "depth")
-    name = selection or depth["selection"]
-    if not run_dir.exists("depth", "selections", name):
-        raise StageMissingError(f"the depth stage wrote no selection {name!r} in {run_dir.uri_of('depth')}")
-    return run_dir.path("depth", "selections", name), depth
-
-
-def reference_model(cfg: Config, run_dir: RunDir) -> tuple[str, dict]:
-    """The reference policy: the sft stage's model when it has run, else `policy.model` itself."""
-    if run_dir.exists("sft", MANIFEST):
-        return run_dir.local_dir("sft", "model"), require_stage(run_dir, "sft")
-    if cfg.policy.model == "tiny":
-        raise StageMissingError("the tiny policy is created by the sft stage: run `raybpo sft` first")
-    return cfg.policy.model, {"config_hash": cfg.section_hash("policy"), "created_at": "external"}
 
 
 def run_train(
@@ -186,17 +156,19 @@ def run_train(
     main run: the same code, their own folder, manifest and checkpoints. `ctx.callbacks` go to its TorchTrainer.
     """
     run_dir = RunDir(cfg.run_dir)
-    pairs_path, pairs_manifest = input_pairs(run_dir, selection)
-    reference, reference_manifest = reference_model(cfg, run_dir)
+    pairs, pairs_manifest = input_pairs(run_dir, selection)
+    pairs_path = run_dir.path(*pairs.parts)
+    source = reference_model(cfg, run_dir)
+    reference = source.local()
     inputs = {
         "pairs": stage_identity(pairs_manifest) + (f"#{selection}" if selection else ""),
-        "reference": stage_identity(reference_manifest),
+        "reference": source.identity,
     }
 
     def body(stage_path: str) -> StageCounts:
         counts = prepare(
             pairs_path,
-            run_dir.path(stage, "prepared"),
+            run_dir.path(*prepared_inputs(stage)),
             run_dir,
             reference,
             cfg.policy,
@@ -221,25 +193,25 @@ def run_train(
             factory,
             cfg.train,
             cfg.seed,
-            run_dir.uri_of("checkpoints"),
+            run_dir.uri_of(CHECKPOINTS),
             counts["eval"] > 0,
-            tensorboard_dir=run_dir.path(stage, "tensorboard") if run_dir.is_local() else None,
+            tensorboard_dir=run_dir.path(*tensorboard(stage)) if run_dir.is_local() else None,
             callbacks=ctx.callbacks,
         )
         history, lines = metrics_jsonl(result)
-        run_dir.write_bytes(f"{stage}/metrics.jsonl", lines)
+        run_dir.write_bytes(relpath(training_metrics(stage)), lines)
         _, model = load_trained(factory, result, counts["eval"] > 0)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = load_tokenizer(reference, cfg.policy)
             adapter = Path(tmp) / "adapter"
             model.save_pretrained(adapter, safe_serialization=True)
             tokenizer.save_pretrained(adapter)
-            run_dir.upload_dir(adapter, stage, "policy", "adapter")
+            run_dir.upload_dir(adapter, *policy_adapter(stage))
             if cfg.train.merge:
                 merged = Path(tmp) / "merged"
                 model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
                 tokenizer.save_pretrained(merged)
-                run_dir.upload_dir(merged, stage, "policy", "merged")
+                run_dir.upload_dir(merged, *merged_policy(stage))
         final = history[-1] if history else {}
         return StageCounts(
             rows_in=counts["rows"],
@@ -252,10 +224,10 @@ def run_train(
                 "steps": final.get("step"),
                 "final_metrics": {k: v for k, v in final.items() if k in FINAL_METRICS},
                 "outputs": {
-                    "adapter": "policy/adapter/",
-                    **({"merged": "policy/merged/"} if cfg.train.merge else {}),
-                    "metrics": "metrics.jsonl",
-                    "prepared": "prepared/",
+                    "adapter": in_stage(policy_adapter(stage), folder=True),
+                    **({"merged": in_stage(merged_policy(stage), folder=True)} if cfg.train.merge else {}),
+                    "metrics": in_stage(training_metrics(stage)),
+                    "prepared": in_stage(prepared_inputs(stage), folder=True),
                 },
             },
         )

@@ -20,6 +20,7 @@ import ray
 import torch
 
 from raybpo.config import PolicyConfig
+from raybpo.data.splits import split_of
 from raybpo.models.loading import load_causal_lm, load_tokenizer
 from raybpo.models.logps import collate_pairs, pair_logps
 from raybpo.models.tokenize import TokenizationError, encode_example, encode_pair
@@ -48,11 +49,6 @@ PREPARED_EXAMPLES = pa.schema(
     ]
 )
 REF_BATCH = 16
-
-
-def split_of(pair_id: str, eval_fraction: float) -> str:
-    """`eval` for a stable `eval_fraction` share of pair ids (by hash), else `train`."""
-    return "eval" if int(pair_id[:8], 16) / 0x1_0000_0000 < eval_fraction else "train"
 
 
 class PairEncoder:

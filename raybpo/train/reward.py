@@ -16,20 +16,32 @@ model is a Hugging Face sequence-classification folder: `<run_dir>/reward/model/
 from __future__ import annotations
 
 import functools
-import hashlib
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.dataset as pads
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from raybpo.artifacts import (
+    CHECKPOINTS,
+    INGEST,
+    REWARD,
+    REWARD_JUDGE,
+    REWARD_MODEL,
+    REWARD_MODELS,
+    REWARD_REPORT,
+    REWARD_TABLE,
+    in_stage,
+    read_pairs,
+    reward_backbone,
+)
 from raybpo.cluster import init_ray
 from raybpo.config import Config, LoopConfig, RewardConfig
+from raybpo.data.splits import judge_half, split_of
 from raybpo.losses import MoreWeighting, bradley_terry_head_grads, bradley_terry_loss
 from raybpo.metrics.reward import evaluate_reward_models, plot_lambda, summary, write_reward_report
 from raybpo.models.reward import encode_texts, load_reward_model, pooled_and_rewards, reward_head
@@ -44,33 +56,9 @@ from raybpo.rundir import (
     stage_identity,
 )
 from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl, unwrap
-from raybpo.train.prepare import split_of
 
-STAGE = "reward"
+STAGE = REWARD
 WEIGHTS = "model.safetensors"
-
-
-def read_pairs(run_dir: RunDir, sources: list[str] | None = None) -> dict[str, list]:
-    """The ingested pairs (columns as lists), sorted by pair_id, optionally of some sources only."""
-    table = pads.dataset(run_dir.path("ingest", "pairs"), filesystem=run_dir.fs, format="parquet").to_table(
-        columns=["pair_id", "prompt", "chosen", "rejected", "source"]
-    )
-    columns = table.sort_by("pair_id").to_pydict()
-    if sources is not None:
-        keep = [i for i, s in enumerate(columns["source"]) if s in sources]
-        columns = {k: [v[i] for i in keep] for k, v in columns.items()}
-    return columns
-
-
-def held_out(pairs: dict[str, list], eval_fraction: float) -> dict[str, list]:
-    """The pairs of the `eval` split (a stable function of pair_id), the ones the reward models are evaluated on."""
-    rows = [i for i, pair_id in enumerate(pairs["pair_id"]) if split_of(pair_id, eval_fraction) == "eval"]
-    return {k: [v[i] for i in rows] for k, v in pairs.items()}
-
-
-def judge_half(pair_id: str) -> int:
-    """0 or 1, a stable half of the pair ids independent of the eval split: `reward.judge_model`'s two halves."""
-    return hashlib.sha256(f"judge:{pair_id}".encode()).digest()[0] % 2
 
 
 def resample(rows: list[int], size: int, rng: np.random.Generator) -> list[int]:
@@ -185,14 +173,6 @@ def make_reward_recipe(
     return RewardRecipe(read_pairs(RunDir(run_dir), sources), model, RewardConfig.model_validate(reward), mode, half)
 
 
-def backbone(cfg: Config, run_dir: RunDir) -> str:
-    """`reward.model`, with `sft` meaning the sft stage's model (the benchmark's tiny Llama)."""
-    if cfg.reward.model == "sft":
-        require_stage(run_dir, "sft")
-        return run_dir.local_dir("sft", "model")
-    return cfg.reward.model
-
-
 def train_reward_model(
     cfg: Config,
     run_dir: RunDir,
@@ -213,10 +193,16 @@ def train_reward_model(
         )
     reward = cfg.reward.model_copy(update={"micro_batch_size": micro})
     factory = functools.partial(
-        make_reward_recipe, cfg.run_dir, backbone(cfg, run_dir), reward.model_dump(mode="json"), mode, sources, half
+        make_reward_recipe,
+        cfg.run_dir,
+        reward_backbone(cfg, run_dir).local(),
+        reward.model_dump(mode="json"),
+        mode,
+        sources,
+        half,
     )
     # The held-out pairs are the evaluation's test set, so no checkpoint is chosen on them: the last is kept.
-    result = fit(name, factory, reward, cfg.seed, run_dir.uri_of("checkpoints"), has_eval=False, callbacks=callbacks)
+    result = fit(name, factory, reward, cfg.seed, run_dir.uri_of(CHECKPOINTS), has_eval=False, callbacks=callbacks)
     recipe, model = load_trained(factory, result, has_eval=False)
     model.save_pretrained(out, safe_serialization=True)
     recipe.tokenizer.save_pretrained(out)
@@ -228,11 +214,10 @@ def train_reward_model(
 def run_reward(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `reward` stage: train (MORE / multitask / single models), evaluate per source, write the report."""
     run_dir = RunDir(cfg.run_dir)
-    ingest = require_stage(run_dir, "ingest")
+    ingest = require_stage(run_dir, INGEST)
     inputs = {"ingest": stage_identity(ingest)}
     if cfg.reward.model == "sft":
-        sft = require_stage(run_dir, "sft")
-        inputs["sft"] = stage_identity(sft)
+        inputs["sft"] = reward_backbone(cfg, run_dir).identity
     mode = cfg.reward.mode
 
     def body(stage_path: str) -> StageCounts:
@@ -269,7 +254,7 @@ def run_reward(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                     if mode == "single"
                     else {"average": models}
                 )
-            evaluation = evaluate_reward_models(members, held_out(pairs, cfg.reward.eval_fraction), cfg.reward)
+            evaluation = evaluate_reward_models(members, pairs, cfg.reward)
             report = tmp_path / "report"
             write_reward_report(evaluation, report)
             lambdas = {
@@ -277,9 +262,9 @@ def run_reward(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
             }
             if mode == "more":
                 plot_lambda(lambdas["model"], report / "lambda.png")
-            for name, folder in (("model", "model"), ("judge", "judge"), ("models", "models"), ("report", "report")):
-                if (tmp_path / folder).exists():
-                    run_dir.upload_dir(tmp_path / folder, STAGE, name)
+            for parts in (REWARD_MODEL, REWARD_JUDGE, REWARD_MODELS, REWARD_REPORT):
+                if (tmp_path / in_stage(parts)).exists():
+                    run_dir.upload_dir(tmp_path / in_stage(parts), *parts)
             for metrics_file in tmp_path.rglob("*.metrics.jsonl"):
                 run_dir.write_bytes(f"{STAGE}/{metrics_file.relative_to(tmp_path)}", metrics_file.read_bytes())
         eval_pairs = sum(r["eval_pairs"] for r in runs.values())
@@ -293,9 +278,13 @@ def run_reward(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                 "eval_pairs": eval_pairs,
                 "evaluation": summary(evaluation),
                 "outputs": {
-                    **({"model": "model/"} if mode in ("more", "multitask") else {"models": "models/"}),
-                    **({"judge": "judge/"} if "judge" in runs else {}),
-                    "report": "report/reward.md",
+                    **(
+                        {"model": in_stage(REWARD_MODEL, folder=True)}
+                        if mode in ("more", "multitask")
+                        else {"models": in_stage(REWARD_MODELS, folder=True)}
+                    ),
+                    **({"judge": in_stage(REWARD_JUDGE, folder=True)} if "judge" in runs else {}),
+                    "report": in_stage(REWARD_TABLE),
                 },
             },
         )

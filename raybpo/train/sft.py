@@ -14,16 +14,31 @@ import functools
 import tempfile
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
+from raybpo.artifacts import (
+    CHECKPOINTS,
+    INGEST,
+    INGESTED_PAIRS,
+    SFT,
+    SFT_BASE,
+    SFT_MODEL,
+    Artifact,
+    in_stage,
+    ingested_pairs,
+    prepared_inputs,
+    relpath,
+    tensorboard,
+    training_metrics,
+)
 from raybpo.cluster import init_ray
 from raybpo.config import Config, PolicyConfig, SftConfig, TrainConfig
 from raybpo.models.loading import load_causal_lm, load_tokenizer
 from raybpo.models.logps import collate, token_logps
+from raybpo.models.lora import ADAPTER_WEIGHTS, add_lora
 from raybpo.models.tiny import build_tiny_model
 from raybpo.rundir import (
     NO_CONTEXT,
@@ -35,11 +50,10 @@ from raybpo.rundir import (
     run_stage,
     stage_identity,
 )
-from raybpo.train.dpo import ADAPTER_WEIGHTS, add_lora
 from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
 
-STAGE = "sft"
+STAGE = SFT
 FULL_WEIGHTS = "model.safetensors"
 
 
@@ -92,7 +106,7 @@ def make_sft_recipe(run_dir: str, base: str, policy: dict, sft: dict, train: dic
     """Built inside each Ray Train worker: reads the prepared examples of `run_dir`."""
     rd = RunDir(run_dir)
     return SftRecipe(
-        load_prepared(rd.path(STAGE, "prepared"), rd),
+        load_prepared(rd.path(*prepared_inputs(STAGE)), rd),
         base,
         PolicyConfig.model_validate(policy),
         SftConfig.model_validate(sft),
@@ -103,26 +117,24 @@ def make_sft_recipe(run_dir: str, base: str, policy: dict, sft: dict, train: dic
 def run_sft(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `sft` stage: build or load the base policy, tokenise (prompt, chosen), train, write `sft/model/`."""
     run_dir = RunDir(cfg.run_dir)
-    ingest = require_stage(run_dir, "ingest")
+    ingest = require_stage(run_dir, INGEST)
     sections = ("policy", "sft", "train") if cfg.sft.lora else ("policy", "sft")
     inputs = {"ingest": stage_identity(ingest)}
 
     def body(stage_path: str) -> StageCounts:
         with tempfile.TemporaryDirectory() as tmp:
             if cfg.policy.model == "tiny":
-                texts = pads.dataset(run_dir.path("ingest", "pairs"), filesystem=run_dir.fs).to_table(
-                    columns=["prompt", "chosen", "rejected"]
-                )
+                texts = ingested_pairs(run_dir, ["prompt", "chosen", "rejected"])
                 build_tiny_model(
                     (t for column in texts.columns for t in column.to_pylist()), cfg.policy.tiny, tmp, cfg.seed
                 )
-                run_dir.upload_dir(tmp, STAGE, "base")
-                base = run_dir.local_dir(STAGE, "base")
+                run_dir.upload_dir(tmp, *SFT_BASE)
+                base = Artifact(run_dir.uri, SFT_BASE).local()
             else:
                 base = cfg.policy.model
             counts = prepare(
-                run_dir.path("ingest", "pairs"),
-                run_dir.path(STAGE, "prepared"),
+                run_dir.path(*INGESTED_PAIRS),
+                run_dir.path(*prepared_inputs(STAGE)),
                 run_dir,
                 base,
                 cfg.policy,
@@ -146,20 +158,20 @@ def run_sft(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                 factory,
                 cfg.sft,
                 cfg.seed,
-                run_dir.uri_of("checkpoints"),
+                run_dir.uri_of(CHECKPOINTS),
                 counts["eval"] > 0,
-                tensorboard_dir=run_dir.path(STAGE, "tensorboard") if run_dir.is_local() else None,
+                tensorboard_dir=run_dir.path(*tensorboard(STAGE)) if run_dir.is_local() else None,
                 callbacks=ctx.callbacks,
             )
             history, lines = metrics_jsonl(result)
-            run_dir.write_bytes(f"{STAGE}/metrics.jsonl", lines)
+            run_dir.write_bytes(relpath(training_metrics(STAGE)), lines)
             _, model = load_trained(factory, result, counts["eval"] > 0)
             if cfg.sft.lora:
                 model = model.merge_and_unload()
             out = Path(tmp) / "model"
             model.save_pretrained(out, safe_serialization=True)
             load_tokenizer(base, cfg.policy).save_pretrained(out)
-            run_dir.upload_dir(out, STAGE, "model")
+            run_dir.upload_dir(out, *SFT_MODEL)
         final = history[-1] if history else {}
         return StageCounts(
             rows_in=ingest["rows_out"],
@@ -171,7 +183,11 @@ def run_sft(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                 "steps": final.get("step"),
                 "final_metrics": {k: final[k] for k in ("loss", "eval_loss") if k in final},
                 "base_model": cfg.policy.model,
-                "outputs": {"model": "model/", "metrics": "metrics.jsonl", "prepared": "prepared/"},
+                "outputs": {
+                    "model": in_stage(SFT_MODEL, folder=True),
+                    "metrics": in_stage(training_metrics(STAGE)),
+                    "prepared": in_stage(prepared_inputs(STAGE), folder=True),
+                },
             },
         )
 
