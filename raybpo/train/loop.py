@@ -187,6 +187,14 @@ def _metrics_mean(workers: Workers, metrics: list[dict[str, torch.Tensor]]) -> d
     return dict(zip(names, workers.mean(local.to(workers.device)).tolist(), strict=True))
 
 
+def quiet_report_lines() -> None:
+    """Ray Train V2 logs "Reporting training result N: ..." at INFO for every report, repeating the console
+    line this loop already prints; its logger is named by its module's file, so set that one to WARNING."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict[str, Any]) -> dict[str, list]:
     """`train_loop_per_worker` of the TorchTrainer: config = {"recipe": factory, "loop": ..., "seed": ...}.
 
@@ -196,6 +204,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, list]:
     import ray.train
     import ray.train.torch
 
+    quiet_report_lines()
     ctx = ray.train.get_context()
     loop_cfg = LoopConfig.model_validate(config["loop"])
     device = ray.train.torch.get_device()
