@@ -62,7 +62,8 @@ def sample_token_ids(
     """The sampled token ids of one response per (prompt, seed), without EOS; temperature 0 is greedy.
 
     Rows that share a prompt (the `n` samples of one prompt) share its prefill: each distinct prompt is
-    encoded once and its KV cache copied to its rows (the cache's `reorder_cache`, as beam search does).
+    encoded once and its KV cache copied to its rows (the cache's `reorder_cache`, as beam search does); the
+    prefill computes the logits of the last position only (`logits_to_keep=1`).
     """
     model.eval()
     device = model.device
@@ -76,7 +77,9 @@ def sample_token_ids(
     input_ids = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in distinct], device=device)
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in distinct], device=device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    prefill = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    prefill = model(
+        input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
     past = prefill.past_key_values
     past.reorder_cache(row_prompt)
     logits = prefill.logits[:, -1].float().cpu()[row_prompt.cpu()]
