@@ -189,9 +189,12 @@ def _metrics_mean(workers: Workers, metrics: list[dict[str, torch.Tensor]]) -> d
 
 def quiet_report_lines() -> None:
     """Ray Train V2 logs "Reporting training result N: ..." at INFO for every report, repeating the console
-    line this loop already prints; its logger is named by its module's file, so set that one to WARNING."""
-    from ray.train.v2._internal.execution import context
-
+    line this loop already prints; its logger is named by its module's file, so set that one to WARNING.
+    The module is Ray's private one: where a Ray version moves it, the lines stay and training goes on."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
