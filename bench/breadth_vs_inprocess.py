@@ -1,7 +1,7 @@
 """The breadth stage on Ray Data against plain in-process sentence-transformers + scikit-learn KMeans (CPU).
 
 Both sides get the same distinct prompts, the same embedder (the bundled all-MiniLM-L6-v2), the same number of
-clusters K_b and the same ranking rule (`raybpo.clustering`: top round_half_up(eta * size) of every cluster
+clusters K_b and the same ranking rule (`raybpo.selection.clustering`: top round_half_up(eta * size) of every cluster
 by cosine similarity to its centroid, at least one). Reported: prompts per second of each, end to end, the
 ratio, and how much the two selections agree (Jaccard index of the kept sets, adjusted Rand index of the
 cluster assignments).
@@ -105,9 +105,10 @@ def inprocess(job: Path) -> None:
     """Run in a fresh process: embed, cluster (sklearn, then faiss) and select; write the results to JSON."""
     spec = json.loads(job.read_text())
     keys, texts = spec["keys"], spec["texts"]
-    from raybpo.clustering import assign_to_centroids, rank_within_clusters
     from raybpo.config import BreadthConfig
-    from raybpo.stages.breadth import cluster_and_select, resolve_embedder, select_cluster
+    from raybpo.selection.breadth import cluster_and_select, select_cluster
+    from raybpo.selection.clustering import assign_to_centroids, rank_within_clusters
+    from raybpo.stages.breadth import resolve_embedder
 
     started = time.perf_counter()  # torch and sentence-transformers are imported inside the timing, as in an actor
     import torch
@@ -172,7 +173,8 @@ def main() -> None:
     from sklearn.metrics import adjusted_rand_score
 
     from raybpo.config import Config, SourceSpec
-    from raybpo.stages.breadth import num_clusters_for, run_breadth
+    from raybpo.selection.breadth import num_clusters_for
+    from raybpo.stages.breadth import run_breadth
     from raybpo.stages.ingest import ingest
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="breadth-bench-"))

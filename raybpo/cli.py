@@ -21,8 +21,8 @@ from raybpo.models.tokenize import TokenizationError
 from raybpo.pipeline import StageRun, run_pipeline, summary_table
 from raybpo.report import write_report
 from raybpo.rundir import RunDir, StageMissingError, StageResult
+from raybpo.selection.depth import DepthError
 from raybpo.stages.breadth import BreadthError
-from raybpo.stages.depth import DepthError
 from raybpo.stages.ingest import IngestError
 from raybpo.train.loop import NonFiniteLossError
 

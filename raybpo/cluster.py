@@ -1,15 +1,18 @@
-"""Connecting to Ray: the one place that calls `ray.init`."""
+"""Connecting to Ray: the one place that calls `ray.init`; how a table is cut into blocks for an actor pool."""
 
 from __future__ import annotations
 
 import logging
 import os
 
+import pyarrow as pa
 import ray
 
 from raybpo.config import RayConfig
 
 log = logging.getLogger(__name__)
+
+BLOCKS_PER_ACTOR = 4
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -23,3 +26,11 @@ def init_ray(cfg: RayConfig) -> None:
         # without it the cleaner logs "Failed to query Ray Train Controller actor state" every second.
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     log.info("Ray resources: %s", ray.cluster_resources())
+
+
+def actor_blocks(table: pa.Table, batch_size: int, concurrency: int) -> list[pa.Table]:
+    """`table` cut into blocks of whole batches of `batch_size` rows, about BLOCKS_PER_ACTOR blocks for every actor
+    of a pool of `concurrency`, so every actor gets work and a slow block holds up little."""
+    batches = -(-table.num_rows // batch_size)
+    rows = batch_size * max(1, -(-batches // (concurrency * BLOCKS_PER_ACTOR)))
+    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]

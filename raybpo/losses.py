@@ -8,6 +8,9 @@ Notation as in the doc: for a pair (x, y_w, y_l) the DPO logit is
     h = [logp_pi(y_w) - logp_ref(y_w)] - [logp_pi(y_l) - logp_ref(y_l)]
 
 where logp is the SUM of the response tokens' log-probabilities.
+
+Kept whole: one thing, the maths of the papers' losses: each function stands alone with its equation, they share
+only the notation above, and the train stages and the tests import them from this one place.
 """
 
 from __future__ import annotations

@@ -11,20 +11,25 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from raybpo.clustering import assign_to_centroids, keep_count, rank_within_clusters, spherical_kmeans
 from raybpo.config import BreadthConfig, Config
 from raybpo.data.schema import prompt_key
 from raybpo.rundir import StageMissingError
-from raybpo.stages.breadth import (
-    PROMPTS_SCHEMA,
+from raybpo.selection.breadth import (
     cluster_and_select,
     dedup_prompts,
     embedding_text,
     num_clusters_for,
     select_cluster,
     select_prompts,
-    select_random,
 )
+from raybpo.selection.clustering import (
+    assign_to_centroids,
+    keep_count,
+    rank_within_clusters,
+    select_random,
+    spherical_kmeans,
+)
+from raybpo.stages.breadth import PROMPTS_SCHEMA
 from raybpo.stages.ingest import ingest
 
 # --------------------------------------------------------------------------- pure functions

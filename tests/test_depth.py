@@ -26,17 +26,17 @@ from raybpo.models.logps import collate_pairs
 from raybpo.models.tiny import build_tiny_model
 from raybpo.projection import RademacherProjection
 from raybpo.rundir import RunDir, StageCounts, run_stage
-from raybpo.stages.depth import (
+from raybpo.selection.clustering import select_random
+from raybpo.selection.depth import (
     SELECTIONS,
     DepthError,
     allocation,
-    run_depth,
     select_bpo,
     select_original,
-    select_random,
     select_uniform,
     strategy_score,
 )
+from raybpo.stages.depth import run_depth
 from raybpo.stages.ingest import ingest
 
 PAD = 0

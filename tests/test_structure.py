@@ -1,10 +1,13 @@
 """The house's floors, checked from the source: no import cycle inside `raybpo/` (imports inside functions
-count; only `if TYPE_CHECKING:` blocks are exempt)."""
+count; only `if TYPE_CHECKING:` blocks are exempt), and no function over 80 lines or module over 450 lines
+unless its docstring has a line starting "Kept whole:" that says why."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "raybpo"
+MAX_FUNCTION_LINES, MAX_MODULE_LINES = 80, 450
+KEPT_WHOLE = "Kept whole:"
 
 
 def module_name(path: Path) -> str:
@@ -90,3 +93,43 @@ def test_raybpo_has_no_import_cycle():
     graph = {name: imported(name, tree, set(trees)) for name, tree in trees.items()}
     assert sum(map(len, graph.values())) > 50  # the checker reads the real imports
     assert cycles(graph) == []
+
+
+def kept_whole(node: ast.Module | ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Whether the module's or function's docstring has a line starting "Kept whole:" (the reason it is long)."""
+    doc = ast.get_docstring(node)
+    return doc is not None and any(line.strip().startswith(KEPT_WHOLE) for line in doc.splitlines())
+
+
+def too_long(name: str, source: str) -> list[str]:
+    """The module (over MAX_MODULE_LINES lines) and its functions (over MAX_FUNCTION_LINES, `def` to the end)
+    that are long without a "Kept whole:" reason, as `name[.function]: lines`."""
+    tree = ast.parse(source)
+    lines = len(source.splitlines())
+    found = [f"{name}: {lines} lines"] if lines > MAX_MODULE_LINES and not kept_whole(tree) else []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES and not kept_whole(node):
+                found.append(f"{name}.{node.name}: {length} lines")
+    return found
+
+
+def test_the_length_check_sees_a_long_function_and_module_and_takes_a_reason():
+    body = "".join(f"    x{i} = {i}\n" for i in range(80))
+    long_function = f"def run():\n{body}"  # 81 lines from `def` to its end
+    assert too_long("raybpo.a", long_function) == ["raybpo.a.run: 81 lines"]
+    assert too_long("raybpo.a", f"def run():\n{body[: body.rindex('    x79')]}") == []  # 80 lines
+    nested = f"def outer():\n    def inner():\n    {body.replace(chr(10), chr(10) + '    ')}\n    return inner\n"
+    assert too_long("raybpo.a", nested) == ["raybpo.a.outer: 84 lines", "raybpo.a.inner: 81 lines"]
+    reason = f'def run():\n    """Run.\n\n    Kept whole: one table of steps.\n    """\n{body}'
+    assert too_long("raybpo.a", reason) == []
+    assert too_long("raybpo.a", f'def run():\n    """Keeps whole: no."""\n{body}') == ["raybpo.a.run: 82 lines"]
+    module = "".join(f"x{i} = {i}\n" for i in range(451))
+    assert too_long("raybpo.b", module) == ["raybpo.b: 451 lines"]
+    assert too_long("raybpo.b", f'"""B.\n\nKept whole: one list."""\n{module}') == []
+
+
+def test_raybpo_has_no_long_function_or_module_without_a_reason():
+    found = [entry for p in sorted(PACKAGE.rglob("*.py")) for entry in too_long(module_name(p), p.read_text())]
+    assert found == []

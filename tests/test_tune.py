@@ -20,7 +20,9 @@ from raybpo.config import Config, ConfigError, TinyModelConfig, TuneConfig, load
 from raybpo.models.tiny import build_tiny_model
 from raybpo.rundir import RunDir
 from raybpo.stages.ingest import ingest
-from raybpo.tune import StopBoard, check_search, make_scheduler, run_tune, trial_name, trial_overrides
+from raybpo.tune import run_tune
+from raybpo.tune.search import check_search, trial_name, trial_overrides
+from raybpo.tune.trial import StopBoard, make_scheduler
 
 TRAIN = {"batch_size": 16, "micro_batch_size": 16, "checkpoint_every": 5, "log_every": 1000, "lr": 1e-2}
 TRAIN |= {"precompute_ref_logps": False}  # the tiny reference runs inside the step: no model in the prepare pass

@@ -1,14 +1,19 @@
-"""Spherical k-means on unit vectors and the top-eta-per-cluster rule, shared by breadth (prompt embeddings)
-and depth (gradient features): docs/ALGORITHMS.md sections 3.1 and 3.3.
+"""What breadth (prompt embeddings) and depth (gradient features) share: spherical k-means on unit vectors, the
+top-eta-per-cluster rule, the `random` baseline and the counts both stages report (docs/ALGORITHMS.md 3.1, 3.3).
 
 faiss does the Lloyd iterations (`faiss.Kmeans(spherical=True)`, every point, no subsampling) from a greedy
 k-means++ init drawn with the seed; points are assigned to the centroid of largest inner product (the cosine
 similarity: points and centroids are unit vectors) and ranked inside their cluster by it. A cluster of `size`
 points keeps `keep_count(size, eta) = max(1, round_half_up(eta * size))`.
+
+Seeded draws use numpy streams `[seed, stream]`: 0 the k-means++ init, 1 the `random` baseline (both stages);
+raybpo.selection.depth numbers its own from 2.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,6 +22,8 @@ from raybpo.plots import png_bytes, pyplot
 
 KMEANS_NITER = 25
 INIT_STREAM = 0  # the k-means++ init draws from (seed, INIT_STREAM)
+RANDOM_STREAM = 1  # the `random` baseline draws from (seed, RANDOM_STREAM)
+KEEP_RULE = "max(1, round_half_up(eta * cluster_size))"
 
 
 def num_clusters(n: int, explicit: int | None, per_cluster: int) -> int:
@@ -34,6 +41,13 @@ def keep_count(sizes: np.ndarray | int, eta: float) -> np.ndarray:
     """raybpo rule: a cluster of `size` prompts keeps max(1, round_half_up(eta * size)); an empty one keeps 0."""
     sizes = np.asarray(sizes, dtype=np.int64)
     return np.where(sizes > 0, np.clip(round_half_up(eta * sizes), 1, sizes), 0)
+
+
+def select_random(n: int, count: int, seed: int) -> np.ndarray:
+    """The `random` baseline (BPO 3.1, 3.3): `count` of `n` rows (at most n), uniform without replacement."""
+    kept = np.zeros(n, dtype=bool)
+    kept[np.random.default_rng([seed, RANDOM_STREAM]).choice(n, size=min(count, n), replace=False)] = True
+    return kept
 
 
 def kmeans_pp_init(x: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -84,6 +98,22 @@ def spherical_kmeans(
     return normalize_rows(kmeans.centroids), float(kmeans.obj[-1]) if len(kmeans.obj) else float("nan")
 
 
+def use_faiss_gpu(num_gpus: float) -> bool:
+    """Whether k-means runs on a GPU: the stage's actors ask for GPUs and faiss sees one on the driver."""
+    import faiss
+
+    return num_gpus > 0 and faiss.get_num_gpus() > 0
+
+
+def kmeans_record(use_gpu: bool, objective: float) -> dict[str, Any]:
+    """The manifest's `kmeans` entry: backend, iterations, the final objective (None when there is none)."""
+    return {
+        "backend": "faiss-gpu" if use_gpu else "faiss-cpu",
+        "niter": KMEANS_NITER,
+        "objective": round(objective, 6) if math.isfinite(objective) else None,
+    }
+
+
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -111,8 +141,38 @@ def rank_within_clusters(cluster: np.ndarray, similarity: np.ndarray, keys: list
     return rank
 
 
-def plot_cluster_sizes(sizes: np.ndarray, kept: np.ndarray, eta: float, method: str, unit: str = "prompts") -> bytes:
+def count_stats(values: np.ndarray) -> dict[str, float]:
+    """min, median, mean and max of counts (cluster sizes, pairs per prompt); {} for none."""
+    if not len(values):
+        return {}
+    return {
+        "min": int(values.min()),
+        "median": float(np.median(values)),
+        "mean": round(float(values.mean()), 3),
+        "max": int(values.max()),
+    }
+
+
+@dataclass
+class ClusterCounts:
+    """The size and the kept count of every non-empty cluster, and how many clusters came out empty."""
+
+    sizes: np.ndarray
+    kept: np.ndarray
+    empty: int
+
+
+def cluster_counts(cluster: np.ndarray, kept: np.ndarray, k: int) -> ClusterCounts:
+    """The `ClusterCounts` of `k` clusters from every row's cluster and kept flag."""
+    sizes = np.bincount(cluster, minlength=k)
+    kept_per_cluster = np.bincount(cluster[kept], minlength=k)
+    non_empty = sizes > 0
+    return ClusterCounts(sizes[non_empty], kept_per_cluster[non_empty], int((~non_empty).sum()))
+
+
+def plot_cluster_sizes(counts: ClusterCounts, eta: float, method: str, unit: str = "prompts") -> bytes:
     """PNG: a histogram of cluster sizes, and the kept count of every cluster against its size (in `unit`)."""
+    sizes, kept = counts.sizes, counts.kept
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 

@@ -1,0 +1,60 @@
+"""The models floor's sections: the policy (and the tiny benchmark model), sampling, the LLM judge."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from raybpo.config.base import Section
+
+
+class TinyModelConfig(Section):
+    """The config-built Llama of the built-in benchmark (its tokenizer is trained on the data's text)."""
+
+    vocab_size: int = Field(1024, ge=64)
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(256, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    max_position_embeddings: int = Field(512, ge=16)
+
+
+class PolicyConfig(Section):
+    """The policy: `tiny` (built from the data), a local folder, a Hub id, or a GGUF file."""
+
+    model: str = Field("tiny", description="tiny | a local HF folder | a Hub id | smollm2-135m-instruct | x.gguf")
+    gguf_file: str | None = Field(None, description="GGUF file name inside a Hub repo or folder given as `model`.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    trust_remote_code: bool = Field(False, description="Never on by default: it runs code from the model repo.")
+    use_chat_template: bool = Field(True, description="Apply the tokenizer's chat template when it has one.")
+
+
+class GenerateConfig(Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    n: int = Field(8, ge=1, description="Candidates sampled per kept prompt.")
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(64, ge=1)
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="Prompt tokens kept (the END, as training truncates); None: the whole prompt."
+    )
+    batch_size: int = Field(16, ge=1)
+    concurrency: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per generation actor (its torch threads on CPU).")
+    num_gpus: float = Field(0.0, ge=0.0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments.")
+
+
+class JudgeConfig(Section):
+    url: str = "http://127.0.0.1:8000/v1"
+    model: str = "gpt-4o-mini"
+    api_key_env: str = Field("RAYBPO_JUDGE_API_KEY", description="Name of the variable holding the key.")
+    prompt: str = (
+        "Rate the assistant's response to the user's prompt from 1 to 10. "
+        "Answer with the number only.\n\nPrompt:\n{prompt}\n\nResponse:\n{response}"
+    )
+    concurrency: int = Field(8, ge=1)
+    requests_per_second: float = Field(5.0, gt=0.0)
+    timeout_s: float = Field(60.0, gt=0.0)
+    max_retries: int = Field(4, ge=0)
