@@ -154,18 +154,17 @@ def prepare(
         reference=reference,
         examples=examples,
     )
-    encoded = (
-        ray.data.read_parquet(pairs_uri, filesystem=run_dir.fs)
-        .map_batches(
-            encoder.func,
-            fn_constructor_kwargs=encoder.keywords,
-            batch_format="pyarrow",
-            batch_size=256,
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=num_cpus,
-        )
-        .materialize()
-    )
+    # The read runs to the end first: an encoder actor may ask for every CPU of the cluster
+    # (train.cpus_per_worker), and Ray Data would then wait forever for a CPU to list the files on.
+    pairs = ray.data.read_parquet(pairs_uri, filesystem=run_dir.fs).materialize()
+    encoded = pairs.map_batches(
+        encoder.func,
+        fn_constructor_kwargs=encoder.keywords,
+        batch_format="pyarrow",
+        batch_size=256,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=num_cpus,
+    ).materialize()
     encoded.write_parquet(out_dir, filesystem=run_dir.fs)
     table = pads.dataset(out_dir, filesystem=run_dir.fs, format="parquet").to_table(columns=["split", "reason"])
     bad = pc.not_equal(table["reason"], "")
