@@ -6,13 +6,13 @@ forward (no gradient accumulation), AdamW at the same learning rate, gradient cl
 same token ids: TRL gets the pairs as standard-format text with the BOS token written in front of the prompt,
 and the script checks that TRL's own tokenisation equals raybpo's `encode_pair` for every pair.
 
-- raybpo: the step of `raybpo.train.loop` without Ray: `DpoRecipe.loss` (collate_pairs, ONE forward over chosen
-  and rejected, dpo_logits, BetaDPO), backward, the finite guard, clipping, AdamW and the warm-up/cosine
-  schedule, on the loop's length-bucketed batches (`step_plan`, micro_batch_size = batch_size where raybpo's
-  default would accumulate micro-batches of 8). Reference log-probs are computed once
-  beforehand as the prepare pass does (length-sorted batches of `REF_BATCH` pairs); that pass is timed and
-  reported separately and amortised over one epoch. Plain DPO (alpha=0, rho=1) and raybpo's default
-  beta-DPO (alpha=0.6, rho=0.8).
+- raybpo: the loop's own step without Ray (`raybpo.train.loop.optimizer_step` and `Optimization`):
+  `DpoRecipe.loss` (collate_pairs, ONE forward over chosen and rejected, dpo_logits, BetaDPO), backward, the
+  finite check, clipping, AdamW and the warm-up/cosine schedule, on the loop's length-bucketed batches
+  (`step_plan`, micro_batch_size = batch_size where raybpo's default would accumulate micro-batches of 8).
+  Reference log-probs are computed once beforehand as the prepare pass does (length-sorted batches of
+  `REF_BATCH` pairs); that pass is timed and reported separately and amortised over one epoch. Plain DPO
+  (alpha=0, rho=1) and raybpo's default beta-DPO (alpha=0.6, rho=0.8).
 - TRL: `DPOTrainer(peft_config=...)`, sigmoid loss, beta=0.1, activation (gradient) checkpointing and bf16 off
   (TRL turns both on by default), its random batches. By default the reference is the adapter-disabled model,
   run inside every step; a second run uses `precompute_ref_log_probs=True`.
@@ -69,7 +69,7 @@ from raybpo.models.lora import lora_config
 from raybpo.models.tiny import build_tiny_model
 from raybpo.models.tokenize import encode_pair
 from raybpo.train.dpo import DpoRecipe
-from raybpo.train.loop import Workers, step_plan, warmup_cosine
+from raybpo.train.loop import Optimization, Workers, optimizer_step, step_plan
 from raybpo.train.prepare import REF_BATCH, sequence_lengths
 
 WARMUP_STEPS = 2
@@ -195,23 +195,6 @@ def raybpo_plan(columns: dict[str, list], cfg: TrainConfig, seed: int, steps: in
     return [micro[0] for micro in step_plan(sequence_lengths(columns), cfg, seed)][:steps]
 
 
-def raybpo_step(
-    recipe: DpoRecipe, model: nn.Module, trainable: list[nn.Parameter], optimizer, scheduler, rows: list[int]
-) -> dict[str, float]:
-    """One optimizer step as `raybpo.train.loop.train_loop` runs it on one worker; returns the metrics it logs."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    loss, metrics = recipe.loss(model, rows, Workers(0, 1, CPU), training=True)
-    loss.backward()
-    finite = bool(torch.isfinite(loss)) and all(torch.isfinite(p.grad).all() for p in trainable if p.grad is not None)
-    grad_norm = float("nan")
-    if finite:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, recipe.cfg.max_grad_norm))
-        optimizer.step()
-    scheduler.step()
-    return {**{k: float(v) for k, v in metrics.items()}, "grad_norm": grad_norm}
-
-
 def run_raybpo(
     method: str,
     columns: dict[str, list],
@@ -227,13 +210,10 @@ def run_raybpo(
     loss, flops = probe(model, lambda: recipe.loss(model, plan[0], Workers(0, 1, CPU), training=True)[0])
     recipe.load_state_dict({"beta_dpo": {"m0": 0.0, "sigma": 0.0, "steps": 0}})  # undo the probe's update
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = warmup_cosine(len(plan), int(cfg.warmup_ratio * len(plan)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    opt, workers = Optimization.build(model, cfg, len(plan)), Workers(0, 1, CPU)
     ends = []
     for rows in plan:
-        raybpo_step(recipe, model, trainable, optimizer, scheduler, rows)
+        optimizer_step(recipe, opt, [rows], workers, cfg)
         ends.append(time.perf_counter())
     return Run(
         method,

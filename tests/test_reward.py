@@ -80,7 +80,7 @@ def _reward_fit(cfg, backbone, name, workers, per_source, factory=None):
     args = (cfg.run_dir, backbone, reward.model_dump(mode="json"), "more", ["concise", "harmless", "helpful"])
     factory = factory(*args) if factory else functools.partial(make_reward_recipe, *args)
     result = fit(name, factory, reward, 0, str(Path(cfg.run_dir) / "checkpoints"), has_eval=False)
-    return result, load_file(str(Path(result.checkpoint.to_directory()) / "model.safetensors"))
+    return result, load_file(str(Path(result.checkpoint.path) / "model.safetensors"))  # local storage: in place
 
 
 def test_more_lambda_is_identical_on_two_workers_and_survives_a_crash(benchmark_run, tmp_path):

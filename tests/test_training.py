@@ -70,7 +70,7 @@ def _fit(cfg: Config, name: str, factory=None, **train):
         cfg.seed,
     )
     result = fit(name, factory, cfg.train, cfg.seed, str(Path(cfg.run_dir) / "checkpoints"), has_eval=False)
-    return result, load_file(str(Path(result.checkpoint.to_directory()) / ADAPTER_WEIGHTS))
+    return result, load_file(str(Path(result.checkpoint.path) / ADAPTER_WEIGHTS))  # local storage: read in place
 
 
 SETTINGS = {"batch_size": 16, "checkpoint_every": 4, "kept_normalization": "global", "alpha": 0.6, "rho": 0.8}

@@ -27,14 +27,13 @@ from raybpo.artifacts import (
     policy_adapter,
     prepared_inputs,
     reference_model,
-    relpath,
     tensorboard,
     training_metrics,
 )
 from raybpo.cluster import init_ray
 from raybpo.config import Config, PolicyConfig, TrainConfig
 from raybpo.losses import BetaDPO, dpo_logits, dpo_loss, ipo_loss
-from raybpo.models.loading import load_causal_lm, load_tokenizer
+from raybpo.models.loading import load_causal_lm
 from raybpo.models.logps import collate_pairs, pair_logps
 from raybpo.models.lora import ADAPTER_WEIGHTS, add_lora
 from raybpo.rundir import (
@@ -46,7 +45,9 @@ from raybpo.rundir import (
     run_stage,
     stage_identity,
 )
-from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl, unwrap
+from raybpo.train.checkpoint import checkpoint_name
+from raybpo.train.export import fit_and_export, prepared_stage_counts
+from raybpo.train.loop import Recipe, Workers, unwrap
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
 
 STAGE = TRAIN
@@ -75,8 +76,8 @@ class DpoRecipe(Recipe):
         self.pad_id = 0
 
     def build_model(self, device: torch.device) -> nn.Module:
-        model, tokenizer = load_causal_lm(self.reference, self.policy)
-        self.pad_id = tokenizer.pad_token_id
+        model, self.tokenizer = load_causal_lm(self.reference, self.policy)
+        self.pad_id = self.tokenizer.pad_token_id
         return add_lora(model, self.cfg).to(device)
 
     def loss(self, model, rows, workers: Workers, training: bool):
@@ -166,74 +167,68 @@ def run_train(
     }
 
     def body(stage_path: str) -> StageCounts:
-        counts = prepare(
-            pairs_path,
-            run_dir.path(*prepared_inputs(stage)),
-            run_dir,
-            reference,
-            cfg.policy,
-            cfg.train.max_length,
-            cfg.train.max_prompt_length,
-            cfg.train.eval_fraction,
-            reference=cfg.train.precompute_ref_logps,
-            num_cpus=cfg.train.cpus_per_worker,
-        )
-        factory = functools.partial(
-            make_dpo_recipe,
-            cfg.run_dir,
-            stage,
-            reference,
-            cfg.policy.model_dump(mode="json"),
-            cfg.train.model_dump(mode="json"),
-            cfg.seed,
-        )
-        name = checkpoint_name(stage, cfg.section_hash("policy", "train"), inputs)
-        result = fit(
-            name,
+        return train_policy(cfg, run_dir, stage, pairs_path, reference, inputs, ctx)
+
+    init_ray(cfg.ray)
+    return run_stage(run_dir, stage, cfg, ("policy", "train"), inputs, body)
+
+
+def train_policy(
+    cfg: Config, run_dir: RunDir, stage: str, pairs_path: str, reference: str, inputs: dict, ctx: StageContext
+) -> StageCounts:
+    """The train stage's work: prepare the pairs, fit, export the adapter (and the merged policy), the counts."""
+    counts = prepare(
+        pairs_path,
+        run_dir.path(*prepared_inputs(stage)),
+        run_dir,
+        reference,
+        cfg.policy,
+        cfg.train.max_length,
+        cfg.train.max_prompt_length,
+        cfg.train.eval_fraction,
+        reference=cfg.train.precompute_ref_logps,
+        num_cpus=cfg.train.cpus_per_worker,
+    )
+    factory = functools.partial(
+        make_dpo_recipe,
+        cfg.run_dir,
+        stage,
+        reference,
+        cfg.policy.model_dump(mode="json"),
+        cfg.train.model_dump(mode="json"),
+        cfg.seed,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        folders = {out / in_stage(policy_adapter(stage)): False}
+        if cfg.train.merge:
+            folders[out / in_stage(merged_policy(stage))] = True
+        trained = fit_and_export(
+            checkpoint_name(stage, cfg.section_hash("policy", "train"), inputs),
             factory,
             cfg.train,
             cfg.seed,
             run_dir.uri_of(CHECKPOINTS),
             counts["eval"] > 0,
+            folders=folders,
+            metrics=out / in_stage(training_metrics(stage)),
             tensorboard_dir=run_dir.path(*tensorboard(stage)) if run_dir.is_local() else None,
             callbacks=ctx.callbacks,
         )
-        history, lines = metrics_jsonl(result)
-        run_dir.write_bytes(relpath(training_metrics(stage)), lines)
-        _, model = load_trained(factory, result, counts["eval"] > 0)
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer = load_tokenizer(reference, cfg.policy)
-            adapter = Path(tmp) / "adapter"
-            model.save_pretrained(adapter, safe_serialization=True)
-            tokenizer.save_pretrained(adapter)
-            run_dir.upload_dir(adapter, *policy_adapter(stage))
-            if cfg.train.merge:
-                merged = Path(tmp) / "merged"
-                model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
-                tokenizer.save_pretrained(merged)
-                run_dir.upload_dir(merged, *merged_policy(stage))
-        final = history[-1] if history else {}
-        return StageCounts(
-            rows_in=counts["rows"],
-            rows_out=counts["train"] + counts["eval"],
-            rows_quarantined=counts["does_not_fit"],
-            quarantine_reasons={"does_not_fit": counts["does_not_fit"]} if counts["does_not_fit"] else {},
-            extra={
-                "pairs": {"train": counts["train"], "eval": counts["eval"], "input": pairs_path},
-                "reference": reference,
-                "steps": final.get("step"),
-                "final_metrics": {k: v for k, v in final.items() if k in FINAL_METRICS},
-                "outputs": {
-                    "adapter": in_stage(policy_adapter(stage), folder=True),
-                    **({"merged": in_stage(merged_policy(stage), folder=True)} if cfg.train.merge else {}),
-                    "metrics": in_stage(training_metrics(stage)),
-                    "prepared": in_stage(prepared_inputs(stage), folder=True),
-                },
-            },
-        )
-
-    init_ray(cfg.ray)
-    return run_stage(run_dir, stage, cfg, ("policy", "train"), inputs, body)
+        run_dir.upload_dir(out, stage)
+    return prepared_stage_counts(
+        stage,
+        counts["rows"],
+        counts,
+        trained,
+        FINAL_METRICS,
+        {
+            "adapter": in_stage(policy_adapter(stage), folder=True),
+            **({"merged": in_stage(merged_policy(stage), folder=True)} if cfg.train.merge else {}),
+        },
+        pairs={"train": counts["train"], "eval": counts["eval"], "input": pairs_path},
+        reference=reference,
+    )
 
 
 FINAL_METRICS = (

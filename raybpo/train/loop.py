@@ -9,18 +9,13 @@ Exact multi-worker behaviour. The data plan is a pure function of (seed, epoch):
 GLOBAL micro-batches of `micro_batch_size * num_workers` rows, `batch_size / that` of them per
 optimizer step; worker r takes slice r of each. One worker with micro-batch `m * W` therefore sees
 exactly the batches W workers with micro-batch `m` see together. The plan position is the step
-number, so a resumed run continues with the very next batch.
-
-A checkpoint holds the trainable weights (safetensors), the optimizer, scheduler and recipe state
-(beta-DPO's M0 and sigma, MORE's momentum) in `optim.pt`, the loop state (step, the guard's count,
-the metric history) in `trainer_state.json`, and every worker's RNG state.
+number, so a resumed run continues with the very next batch. What a checkpoint holds:
+`raybpo.train.checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -30,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,10 +34,12 @@ from torch import nn
 
 from raybpo.config import LoopConfig
 from raybpo.models.logps import length_bucketed_batches
+from raybpo.train.checkpoint import Checkpointer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "trainer_state.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,6 +77,8 @@ class Recipe(ABC):
     train_lengths: np.ndarray
     #: number of rows of the evaluation split
     num_eval: int
+    #: the tokenizer of the model `build_model` built: saved beside every exported model folder
+    tokenizer: PreTrainedTokenizerBase | None = None
 
     @abstractmethod
     def build_model(self, device: torch.device) -> nn.Module:
@@ -144,38 +143,6 @@ def step_plan(lengths: np.ndarray, cfg: LoopConfig, seed: int) -> list[list[list
     return steps
 
 
-class Checkpointer:
-    """Write and read the loop's checkpoint directories."""
-
-    @staticmethod
-    def save(directory: Path, recipe: Recipe, model: nn.Module, optimizer, scheduler, state: dict) -> None:
-        recipe.save_model(unwrap(model), directory)
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "recipe": recipe.state_dict()},
-            directory / "optim.pt",
-        )
-        (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
-
-    @staticmethod
-    def save_rng(directory: Path, rank: int) -> None:
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, directory / f"rng_{rank}.pt")
-
-    @staticmethod
-    def load(directory: Path, recipe: Recipe, model: nn.Module, optimizer, scheduler, rank: int) -> dict:
-        recipe.load_model(unwrap(model), directory)
-        optim = torch.load(directory / "optim.pt", weights_only=False)
-        optimizer.load_state_dict(optim["optimizer"])
-        scheduler.load_state_dict(optim["scheduler"])
-        recipe.load_state_dict(optim["recipe"])
-        state = json.loads((directory / STATE_FILE).read_text())
-        rng_file = directory / f"rng_{rank}.pt"
-        if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-        return state
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -198,116 +165,191 @@ def quiet_report_lines() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+@dataclass(frozen=True)
+class Optimization:
+    """The model being trained, its trainable parameters, AdamW and the warm-up/cosine schedule over the plan."""
+
+    model: nn.Module
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    @classmethod
+    def build(cls, model: nn.Module, cfg: LoopConfig, total_steps: int) -> Optimization:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(total_steps, int(cfg.warmup_ratio * total_steps))
+        )
+        return cls(model, trainable, optimizer, scheduler)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """One optimizer step's outcome: every worker's loss and gradients finite, the clipped norm, the metrics."""
+
+    finite: bool
+    grad_norm: float
+    metrics: list[dict[str, torch.Tensor]]
+
+
+def optimizer_step(
+    recipe: Recipe,
+    opt: Optimization,
+    micro_batches: list[list[int]],
+    workers: Workers,
+    cfg: LoopConfig,
+) -> StepOutcome:
+    """One optimizer step: this worker's slice of each global micro-batch (bf16 autocast on GPU), gradients
+    accumulated (DDP syncs on the last), the finite check agreed by every worker, clipping and AdamW (skipped
+    when not finite), the schedule."""
+    model, m = opt.model, cfg.micro_batch_size
+    cuda = workers.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    model.train()
+    opt.optimizer.zero_grad(set_to_none=True)
+    step_metrics, losses = [], []
+    for j, global_rows in enumerate(micro_batches):
+        rows = global_rows[workers.rank * m : (workers.rank + 1) * m]
+        sync = contextlib.nullcontext() if j == len(micro_batches) - 1 or workers.world_size == 1 else model.no_sync()
+        with sync:
+            with autocast:
+                loss, metrics = recipe.loss(model, rows, workers, training=True)
+            (loss / len(micro_batches)).backward()
+        losses.append(loss.detach())
+        step_metrics.append(metrics)
+    local_finite = all(torch.isfinite(x).all() for x in losses) and all(
+        torch.isfinite(p.grad).all() for p in opt.trainable if p.grad is not None
+    )
+    finite = workers.mean(torch.tensor(float(local_finite), device=workers.device)).item() == 1.0
+    grad_norm = float("nan")
+    if finite:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(opt.trainable, cfg.max_grad_norm))
+        opt.optimizer.step()
+    opt.scheduler.step()
+    return StepOutcome(finite, grad_norm, step_metrics)
+
+
+@dataclass
+class WorkerRun:
+    """One worker's training run: its recipe, optimizer and plan, the loop state, the TensorBoard writer on rank 0."""
+
+    name: str
+    cfg: LoopConfig
+    workers: Workers
+    recipe: Recipe
+    opt: Optimization
+    plan: list[list[list[int]]]
+    state: dict[str, Any]
+    writer: Any = None
+
+    @classmethod
+    def start(cls, config: dict[str, Any]) -> WorkerRun:
+        """Set up this worker (threads, seed, the recipe's model, DDP, AdamW), resumed from the run's checkpoint."""
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        cfg = LoopConfig.model_validate(config["loop"])
+        device = ray.train.torch.get_device()
+        if device.type == "cpu":
+            torch.set_num_threads(cfg.cpus_per_worker)  # the CPUs this worker reserved
+        workers = Workers(ctx.get_world_rank(), ctx.get_world_size(), device)
+        seed = config["seed"]
+        torch.manual_seed(seed + workers.rank)
+        recipe: Recipe = config["recipe"]()
+        model = recipe.build_model(device)
+        if workers.world_size > 1:
+            model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp")
+        plan = recipe.plan(cfg, seed)
+        if not plan:
+            raise ValueError(f"no full optimizer step: fewer training rows than batch_size={cfg.batch_size}")
+        state = {"step": 0, "bad_steps": 0, "best_eval_loss": None, "history": [], "resumed_from": []}
+        run = cls(config["name"], cfg, workers, recipe, Optimization.build(model, cfg, len(plan)), plan, state)
+        run.resume(ray.train.get_checkpoint())
+        if workers.rank == 0:
+            run.writer = _tensorboard(config.get("tensorboard_dir"))
+        return run
+
+    def resume(self, checkpoint) -> None:
+        """Load the weights, optimizer, recipe and loop state of `checkpoint` (the run's latest), if any."""
+        if checkpoint is None:
+            return
+        opt = self.opt
+        with checkpoint.as_directory() as directory:
+            self.state = Checkpointer.load(
+                Path(directory), self.recipe, unwrap(opt.model), opt.optimizer, opt.scheduler, self.workers.rank
+            )
+        self.state["resumed_from"].append(self.state["step"])
+        self.announce(f"resumed from step {self.state['step']} of {len(self.plan)}")
+
+    def announce(self, message: str) -> None:
+        if self.workers.rank == 0:
+            print(f"[{self.name}] {message}", flush=True)
+
+    def step_metrics(self, outcome: StepOutcome, rows_done: int, started: float) -> dict[str, float]:
+        """The metrics of the step just taken: the recipe's, averaged, and the loop's (rows/s since `started`)."""
+        metrics = _metrics_mean(self.workers, outcome.metrics)
+        metrics.update(
+            step=self.state["step"],
+            epoch=self.state["step"] / len(self.plan) * self.cfg.epochs,
+            learning_rate=self.opt.scheduler.get_last_lr()[0],
+            grad_norm=outcome.grad_norm,
+            rows_per_second=rows_done / (time.perf_counter() - started),
+        )
+        return metrics
+
+    def record(self, metrics: dict[str, float]) -> None:
+        """TensorBoard; at a checkpoint step the eval loss and a checkpoint; the history, console and Ray report."""
+        import ray.train
+
+        step, cfg = self.state["step"], self.cfg
+        if self.writer is not None:
+            for name, value in metrics.items():
+                if name != "step" and math.isfinite(value):
+                    self.writer.add_scalar(name, value, step)
+        checkpointing = step % cfg.checkpoint_every == 0 or step == len(self.plan)
+        if checkpointing and self.recipe.num_eval:
+            metrics["eval_loss"] = evaluate(self.recipe, self.opt.model, self.workers, cfg.micro_batch_size)
+            best = self.state["best_eval_loss"]
+            self.state["best_eval_loss"] = metrics["eval_loss"] if best is None else min(best, metrics["eval_loss"])
+        logging_step = step % cfg.log_every == 0 or step == 1
+        if checkpointing or logging_step:
+            self.state["history"].append(metrics)
+            if self.workers.rank == 0:
+                print(_console_line(self.name, step, len(self.plan), metrics), flush=True)
+        if checkpointing:
+            with tempfile.TemporaryDirectory() as tmp:
+                directory, opt = Path(tmp), self.opt
+                if self.workers.rank == 0:
+                    model = unwrap(opt.model)
+                    Checkpointer.save(directory, self.recipe, model, opt.optimizer, opt.scheduler, self.state)
+                Checkpointer.save_rng(directory, self.workers.rank)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        elif logging_step:
+            ray.train.report(metrics)
+
+
 def train_loop(config: dict[str, Any]) -> dict[str, list]:
     """`train_loop_per_worker` of the TorchTrainer: config = {"recipe": factory, "loop": ..., "seed": ...}.
 
     Returns {"history": the metrics of every logged and checkpointed step, "resumed_from": the step of
     each checkpoint the run resumed from}; both live in the checkpoints, so a resumed run returns all.
     """
-    import ray.train
-    import ray.train.torch
-
     quiet_report_lines()
-    ctx = ray.train.get_context()
-    loop_cfg = LoopConfig.model_validate(config["loop"])
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(loop_cfg.cpus_per_worker)  # the CPUs this worker reserved
-    workers = Workers(ctx.get_world_rank(), ctx.get_world_size(), device)
-    seed = config["seed"]
-    torch.manual_seed(seed + workers.rank)
-    recipe: Recipe = config["recipe"]()
-
-    model = recipe.build_model(device)
-    if workers.world_size > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=loop_cfg.lr, weight_decay=loop_cfg.weight_decay)
-    plan = recipe.plan(loop_cfg, seed)
-    if not plan:
-        raise ValueError(f"no full optimizer step: fewer training rows than batch_size={loop_cfg.batch_size}")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(len(plan), int(loop_cfg.warmup_ratio * len(plan)))
-    )
-
-    state: dict[str, Any] = {"step": 0, "bad_steps": 0, "best_eval_loss": None, "history": [], "resumed_from": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = Checkpointer.load(Path(directory), recipe, model, optimizer, scheduler, workers.rank)
-        state["resumed_from"].append(state["step"])
-        if workers.rank == 0:
-            print(f"[{config['name']}] resumed from step {state['step']} of {len(plan)}", flush=True)
-
-    writer = _tensorboard(config.get("tensorboard_dir")) if workers.rank == 0 else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    m = loop_cfg.micro_batch_size
+    run = WorkerRun.start(config)
+    state = run.state
     started, rows_done = time.perf_counter(), 0
-    for step in range(state["step"], len(plan)):
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        step_metrics, losses = [], []
-        micro_batches = plan[step]
-        for j, global_rows in enumerate(micro_batches):
-            rows = global_rows[workers.rank * m : (workers.rank + 1) * m]
-            sync = (
-                contextlib.nullcontext() if j == len(micro_batches) - 1 or workers.world_size == 1 else model.no_sync()
-            )
-            with sync:
-                with autocast:
-                    loss, metrics = recipe.loss(model, rows, workers, training=True)
-                (loss / len(micro_batches)).backward()
-            losses.append(loss.detach())
-            step_metrics.append(metrics)
-        local_finite = all(torch.isfinite(x).all() for x in losses) and all(
-            torch.isfinite(p.grad).all() for p in trainable if p.grad is not None
-        )
-        finite = workers.mean(torch.tensor(float(local_finite), device=device)).item() == 1.0
-        state["bad_steps"] = count_bad_steps(finite, state["bad_steps"], loop_cfg.max_bad_steps, step + 1)
-        if finite:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, loop_cfg.max_grad_norm))
-            optimizer.step()
-        else:
-            grad_norm = float("nan")
-            if workers.rank == 0:
-                print(f"[{config['name']}] step {step + 1}: non-finite loss or gradient, skipped", flush=True)
-        scheduler.step()
+    for step in range(state["step"], len(run.plan)):
+        outcome = optimizer_step(run.recipe, run.opt, run.plan[step], run.workers, run.cfg)
+        state["bad_steps"] = count_bad_steps(outcome.finite, state["bad_steps"], run.cfg.max_bad_steps, step + 1)
+        if not outcome.finite:
+            run.announce(f"step {step + 1}: non-finite loss or gradient, skipped")
         state["step"] = step + 1
-        rows_done += sum(len(b) for b in micro_batches)
-        metrics = _metrics_mean(workers, step_metrics)
-        metrics.update(
-            step=state["step"],
-            epoch=state["step"] / len(plan) * loop_cfg.epochs,
-            learning_rate=scheduler.get_last_lr()[0],
-            grad_norm=grad_norm,
-            rows_per_second=rows_done / (time.perf_counter() - started),
-        )
-        last = state["step"] == len(plan)
-        if writer is not None:
-            for name, value in metrics.items():
-                if name != "step" and math.isfinite(value):
-                    writer.add_scalar(name, value, state["step"])
-        checkpointing = state["step"] % loop_cfg.checkpoint_every == 0 or last
-        if checkpointing and recipe.num_eval:
-            metrics["eval_loss"] = evaluate(recipe, model, workers, m)
-            best = state["best_eval_loss"]
-            state["best_eval_loss"] = metrics["eval_loss"] if best is None else min(best, metrics["eval_loss"])
-        logging_step = state["step"] % loop_cfg.log_every == 0 or state["step"] == 1
-        if checkpointing or logging_step:
-            state["history"].append(metrics)
-            if workers.rank == 0:
-                print(_console_line(config["name"], state["step"], len(plan), metrics), flush=True)
-        if checkpointing:
-            with tempfile.TemporaryDirectory() as tmp:
-                directory = Path(tmp)
-                if workers.rank == 0:
-                    Checkpointer.save(directory, recipe, model, optimizer, scheduler, state)
-                Checkpointer.save_rng(directory, workers.rank)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        elif logging_step:
-            ray.train.report(metrics)
-    if writer is not None:
-        writer.close()
+        rows_done += sum(len(b) for b in run.plan[step])
+        run.record(run.step_metrics(outcome, rows_done, started))
+    if run.writer is not None:
+        run.writer.close()
     return {"history": state["history"], "resumed_from": state["resumed_from"]}
 
 
@@ -340,12 +382,6 @@ def _tensorboard(directory: str | None):
 
     os.makedirs(directory, exist_ok=True)
     return SummaryWriter(directory)
-
-
-def checkpoint_name(stage: str, config_hash: str, inputs: dict[str, str]) -> str:
-    """The Ray Train run name of a stage: the same config and inputs resume the same checkpoints."""
-    identity = json.dumps({"config": config_hash, "inputs": inputs}, sort_keys=True).encode()
-    return f"{stage}-{hashlib.sha256(identity).hexdigest()[:12]}"
 
 
 def fit(
@@ -399,25 +435,3 @@ def fit(
         ),
     )
     return trainer.fit()
-
-
-def best_checkpoint(result, has_eval: bool) -> Path:
-    """The local folder of the run's best checkpoint by eval loss (the last one without an eval split)."""
-    checkpoint = result.get_best_checkpoint(metric="eval_loss", mode="min") if has_eval else result.checkpoint
-    if checkpoint is None:
-        raise RuntimeError(f"training run {result.path} reported no checkpoint")
-    return Path(checkpoint.to_directory())
-
-
-def load_trained(factory: Callable[[], Recipe], result, has_eval: bool) -> tuple[Recipe, nn.Module]:
-    """A fresh recipe and its model on CPU with the run's best checkpoint loaded: what a stage exports."""
-    recipe = factory()
-    model = recipe.build_model(torch.device("cpu"))
-    recipe.load_model(model, best_checkpoint(result, has_eval))
-    return recipe, model
-
-
-def metrics_jsonl(result) -> tuple[list[dict[str, Any]], bytes]:
-    """The run's metric history (logged and checkpointed steps), and the same as JSON lines."""
-    rows = result.return_value["history"]
-    return rows, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()

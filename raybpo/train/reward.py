@@ -55,7 +55,9 @@ from raybpo.rundir import (
     run_stage,
     stage_identity,
 )
-from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl, unwrap
+from raybpo.train.checkpoint import checkpoint_name
+from raybpo.train.export import fit_and_export
+from raybpo.train.loop import Recipe, Workers, unwrap
 
 STAGE = REWARD
 WEIGHTS = "model.safetensors"
@@ -202,13 +204,20 @@ def train_reward_model(
         half,
     )
     # The held-out pairs are the evaluation's test set, so no checkpoint is chosen on them: the last is kept.
-    result = fit(name, factory, reward, cfg.seed, run_dir.uri_of(CHECKPOINTS), has_eval=False, callbacks=callbacks)
-    recipe, model = load_trained(factory, result, has_eval=False)
-    model.save_pretrained(out, safe_serialization=True)
-    recipe.tokenizer.save_pretrained(out)
-    history, lines = metrics_jsonl(result)
-    (out.parent / f"{out.name}.metrics.jsonl").write_bytes(lines)
-    return {"history": history, "eval_pairs": recipe.num_eval, "train_pairs": sum(map(len, recipe.by_source.values()))}
+    trained = fit_and_export(
+        name,
+        factory,
+        reward,
+        cfg.seed,
+        run_dir.uri_of(CHECKPOINTS),
+        False,
+        folders={out: False},
+        metrics=out.parent / f"{out.name}.metrics.jsonl",
+        callbacks=callbacks,
+    )
+    recipe = trained.recipe
+    train_pairs = sum(map(len, recipe.by_source.values()))
+    return {"history": trained.history, "eval_pairs": recipe.num_eval, "train_pairs": train_pairs}
 
 
 def run_reward(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:

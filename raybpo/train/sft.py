@@ -30,13 +30,12 @@ from raybpo.artifacts import (
     in_stage,
     ingested_pairs,
     prepared_inputs,
-    relpath,
     tensorboard,
     training_metrics,
 )
 from raybpo.cluster import init_ray
 from raybpo.config import Config, PolicyConfig, SftConfig, TrainConfig
-from raybpo.models.loading import load_causal_lm, load_tokenizer
+from raybpo.models.loading import load_causal_lm
 from raybpo.models.logps import collate, token_logps
 from raybpo.models.lora import ADAPTER_WEIGHTS, add_lora
 from raybpo.models.tiny import build_tiny_model
@@ -50,7 +49,9 @@ from raybpo.rundir import (
     run_stage,
     stage_identity,
 )
-from raybpo.train.loop import Recipe, Workers, checkpoint_name, fit, load_trained, metrics_jsonl
+from raybpo.train.checkpoint import checkpoint_name
+from raybpo.train.export import fit_and_export, prepared_stage_counts
+from raybpo.train.loop import Recipe, Workers
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
 
 STAGE = SFT
@@ -76,8 +77,8 @@ class SftRecipe(Recipe):
         self.pad_id = 0
 
     def build_model(self, device: torch.device) -> nn.Module:
-        model, tokenizer = load_causal_lm(self.base, self.policy)
-        self.pad_id = tokenizer.pad_token_id
+        model, self.tokenizer = load_causal_lm(self.base, self.policy)
+        self.pad_id = self.tokenizer.pad_token_id
         return (add_lora(model, self.lora) if self.cfg.lora else model).to(device)
 
     def loss(self, model, rows, workers: Workers, training: bool):
@@ -152,43 +153,29 @@ def run_sft(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                 cfg.sft.model_dump(mode="json"),
                 cfg.train.model_dump(mode="json"),
             )
-            name = checkpoint_name(STAGE, cfg.section_hash(*sections), inputs)
-            result = fit(
-                name,
+            out = Path(tmp) / "out"
+            trained = fit_and_export(
+                checkpoint_name(STAGE, cfg.section_hash(*sections), inputs),
                 factory,
                 cfg.sft,
                 cfg.seed,
                 run_dir.uri_of(CHECKPOINTS),
                 counts["eval"] > 0,
+                folders={out / in_stage(SFT_MODEL): cfg.sft.lora},  # LoRA merged: a full model either way
+                metrics=out / in_stage(training_metrics(STAGE)),
                 tensorboard_dir=run_dir.path(*tensorboard(STAGE)) if run_dir.is_local() else None,
                 callbacks=ctx.callbacks,
             )
-            history, lines = metrics_jsonl(result)
-            run_dir.write_bytes(relpath(training_metrics(STAGE)), lines)
-            _, model = load_trained(factory, result, counts["eval"] > 0)
-            if cfg.sft.lora:
-                model = model.merge_and_unload()
-            out = Path(tmp) / "model"
-            model.save_pretrained(out, safe_serialization=True)
-            load_tokenizer(base, cfg.policy).save_pretrained(out)
-            run_dir.upload_dir(out, *SFT_MODEL)
-        final = history[-1] if history else {}
-        return StageCounts(
-            rows_in=ingest["rows_out"],
-            rows_out=counts["train"] + counts["eval"],
-            rows_quarantined=counts["does_not_fit"],
-            quarantine_reasons={"does_not_fit": counts["does_not_fit"]} if counts["does_not_fit"] else {},
-            extra={
-                "examples": {"train": counts["train"], "eval": counts["eval"]},
-                "steps": final.get("step"),
-                "final_metrics": {k: final[k] for k in ("loss", "eval_loss") if k in final},
-                "base_model": cfg.policy.model,
-                "outputs": {
-                    "model": in_stage(SFT_MODEL, folder=True),
-                    "metrics": in_stage(training_metrics(STAGE)),
-                    "prepared": in_stage(prepared_inputs(STAGE), folder=True),
-                },
-            },
+            run_dir.upload_dir(out, STAGE)
+        return prepared_stage_counts(
+            STAGE,
+            ingest["rows_out"],
+            counts,
+            trained,
+            ("loss", "eval_loss"),
+            {"model": in_stage(SFT_MODEL, folder=True)},
+            examples={"train": counts["train"], "eval": counts["eval"]},
+            base_model=cfg.policy.model,
         )
 
     init_ray(cfg.ray)
