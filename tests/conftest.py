@@ -1,6 +1,6 @@
-"""Shared fixtures and builders: one local Ray for the whole session, the real HH rows in ../shared/data/, the
-benchmark ingested with a tiny Llama on its text, a recipe that crashes once, and a loopback OpenAI-compatible
-judge."""
+"""Shared fixtures and builders: one local Ray for the whole session, the real HH rows in ../shared/data/, one
+finished tests/tiny.yaml run for every test that reads or copies a run, the benchmark ingested with a tiny Llama
+on its text, a recipe that crashes once, and a loopback OpenAI-compatible judge."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RAYBPO_SHARED_DATA", ROOT.parent / "shared" / "data"))
 HH_TEST = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
+TINY = Path(__file__).with_name("tiny.yaml")
 
 # Set before anything imports raybpo (Hugging Face reads these at import); the builders below import it lazily.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,6 +64,35 @@ def ray_session():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+# -- one finished tiny run ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """The session's finished `raybpo run --config tests/tiny.yaml`: read it in place, `copy` it to change it."""
+
+    path: Path
+    seconds: float
+
+    def copy(self, target: Path, *leave_out: str) -> Path:
+        """A private copy without the top-level folders `leave_out` (stages, checkpoints, report). Plain copies,
+        not hard links: Ray Train rewrites the state files of its runs under checkpoints/ in place."""
+        top = str(self.path)
+        shutil.copytree(self.path, target, ignore=lambda folder, names: leave_out if folder == top else ())
+        return target
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_session, tmp_path_factory) -> TinyRun:
+    """tests/tiny.yaml through `raybpo run` once per session: every stage, the report, on the session's Ray."""
+    from raybpo.cli import main
+
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    started = time.perf_counter()
+    assert main(["run", "--config", str(TINY), "--run-dir", str(run)]) == 0
+    return TinyRun(run, time.perf_counter() - started)
 
 
 # -- builders ------------------------------------------------------------------------------------------------
