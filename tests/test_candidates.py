@@ -1,43 +1,33 @@
 """Depth candidates: seeded generation (HF backend; the vLLM backend's processor up to the engine),
 scoring (oracle, reward model) and the pair rules."""
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
+from conftest import benchmark_with_tiny_llama
 
 from raybpo.artifacts import read_pairs
 from raybpo.config import Config, GenerateConfig, TinyModelConfig
 from raybpo.data.schema import prompt_key
 from raybpo.models.generation import sample_seed
 from raybpo.models.reward import load_reward_model, reward_head
-from raybpo.models.tiny import build_tiny_model
 from raybpo.rundir import RunDir, StageCounts, run_stage
 from raybpo.stages.generate import run_generate, vllm_processor, vllm_requests
-from raybpo.stages.ingest import ingest
 from raybpo.stages.score import RewardModelScorer, all_pairs, run_score, uniform_pairs
 
 KEPT = 6
 
 
-def _prepare(root, seed: int = 0, batch_size: int = 16) -> Config:
+@pytest.fixture(scope="module")
+def prepared(ray_session, tmp_path_factory) -> Config:
     """A run with the benchmark ingested, a tiny policy, and a breadth selection of KEPT prompts."""
-    cfg = Config(run_dir=str(root), seed=seed)
-    cfg.ingest.preset = "benchmark"
-    cfg.benchmark.pairs_per_source = 40
-    cfg.generate = GenerateConfig(n=4, max_new_tokens=8, batch_size=batch_size)
-    ingest(cfg)
-    pairs = read_pairs(RunDir(cfg.run_dir))
-    texts = pairs["prompt"] + pairs["chosen"]
-    cfg.policy.model = str(
-        build_tiny_model(
-            texts, TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64), root / "tiny", seed=0
-        )
-    )
-    prompts = sorted(set(pairs["prompt"]))[:KEPT]
+    tiny = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64)
+    cfg, cfg.policy.model = benchmark_with_tiny_llama(tmp_path_factory.mktemp("gen-a"), tiny, pairs_per_source=40)
+    cfg.generate = GenerateConfig(n=4, max_new_tokens=8, batch_size=16)
+    prompts = sorted(set(read_pairs(RunDir(cfg.run_dir))["prompt"]))[:KEPT]
 
     def breadth(stage_path: str) -> StageCounts:  # a hand-made selection stands in for the breadth stage
         table = pa.table({"prompt": prompts, "prompt_key": [prompt_key(p) for p in prompts], "kept": [True] * KEPT})
@@ -48,15 +38,21 @@ def _prepare(root, seed: int = 0, batch_size: int = 16) -> Config:
     return cfg
 
 
+def _copy(cfg: Config, run_dir: Path, **update) -> Config:
+    """`cfg` with `update`, in a run dir of its own holding copies of its ingest and breadth stages (no more)."""
+    for stage in ("ingest", "breadth"):
+        shutil.copytree(Path(cfg.run_dir) / stage, run_dir / stage)
+    return cfg.model_copy(update={"run_dir": str(run_dir), **update})
+
+
 def _candidates(cfg: Config) -> list[dict]:
     table = pads.dataset(f"{cfg.run_dir}/generate/candidates").to_table()
     return sorted(table.to_pylist(), key=lambda r: (r["prompt_key"], r["candidate"]))
 
 
 @pytest.fixture(scope="module")
-def generated(ray_session, tmp_path_factory):
-    cfg = _prepare(tmp_path_factory.mktemp("gen-a"))
-    return cfg, run_generate(cfg).manifest
+def generated(prepared):
+    return prepared, run_generate(prepared).manifest
 
 
 def test_generation_gives_n_seeded_samples_per_prompt_plus_the_originals(generated):
@@ -74,12 +70,12 @@ def test_generation_gives_n_seeded_samples_per_prompt_plus_the_originals(generat
         assert [r["candidate"] for r in originals] == list(range(4, 4 + len(originals)))
 
 
-def test_generation_is_reproducible_by_seed_whatever_the_batching(generated, tmp_path):
+def test_generation_is_reproducible_by_seed_whatever_the_batching(prepared, generated, tmp_path):
     cfg, _ = generated
-    again = _prepare(tmp_path / "b", batch_size=5)
+    again = _copy(prepared, tmp_path / "b", generate=prepared.generate.model_copy(update={"batch_size": 5}))
     run_generate(again)
     assert _candidates(again) == _candidates(cfg)
-    other = _prepare(tmp_path / "c", seed=1)
+    other = _copy(prepared, tmp_path / "c", seed=1)
     run_generate(other)
     assert [r["response"] for r in _candidates(other)] != [r["response"] for r in _candidates(cfg)]
 
@@ -135,37 +131,17 @@ def test_vllm_backend_builds_its_processor_and_seeded_requests(generated):
     assert requests[0]["sampling_params"]["max_tokens"] == gen.max_new_tokens
 
 
-class _Judge(BaseHTTPRequestHandler):
-    """A loopback OpenAI-compatible judge: 7 for most answers, a non-numeric reply for list answers."""
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        content = "Score: seven" if "\n- " in body["messages"][0]["content"] else "7"
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+def _seven_unless_a_list(message: str) -> str:
+    """The LLM judge's answer: 7 for most answers, a non-numeric reply for list answers."""
+    return "Score: seven" if "\n- " in message else "7"
 
 
-def test_judge_scores_and_quarantines_unparseable_judgements(generated):
+def test_judge_scores_and_quarantines_unparseable_judgements(generated, judge_server):
     cfg, _ = generated
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        judge = cfg.score.judge.model_copy(
-            update={"url": f"http://127.0.0.1:{server.server_port}/v1", "max_retries": 1, "requests_per_second": 200}
-        )
+    with judge_server(_seven_unless_a_list) as url:
+        judge = cfg.score.judge.model_copy(update={"url": url, "max_retries": 1, "requests_per_second": 200})
         score = cfg.score.model_copy(update={"scorer": "judge", "judge": judge})
         manifest = run_score(cfg.model_copy(update={"score": score})).manifest
-    finally:
-        server.shutdown()
-        thread.join()
     listed = [r for r in _candidates(cfg) if "\n- " in r["response"]]
     assert listed, "the benchmark's original responses include list answers"
     assert manifest["rows_quarantined"] == len(listed)

@@ -46,6 +46,7 @@ ENTRYPOINTS = {
 }
 # The whole stage graph on a tiny built-in benchmark (tests/tiny.yaml: 3 sources x 40 pairs).
 TINY_RUN = ["--config", "tests/tiny.yaml"]
+TINY_STAGES = load_config(ROOT / "tests" / "tiny.yaml").stages
 
 
 # ----------------------------------------------------------------------------- cluster.yaml
@@ -231,11 +232,13 @@ def token_head(tmp_path: Path) -> Iterator[Head]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_the_pipeline_on_a_token_authenticated_head(token_head: Head, tmp_path: Path):
+def test_ray_job_submit_runs_the_pipeline_on_a_token_authenticated_head(token_head: Head, tiny_run, tmp_path: Path):
+    """The job runs `raybpo run` on a copy of the session's tiny run without its evaluate stage and report: the
+    pipeline skips the finished stages and runs evaluate (Ray Data on the head) and the report."""
     assert _jobs_api(token_head.url, None)[0] in (401, 403)  # no token, no Jobs API
     ray, address = str(BIN / "ray"), ["--address", token_head.url]
     submission_id = f"raybpo-test-{uuid.uuid4().hex[:8]}"
-    run_dir = tmp_path / "run"
+    run_dir = tiny_run.copy(tmp_path / "run", "evaluate", "report")
     submit = [
         ray,
         "job",
@@ -261,6 +264,8 @@ def test_ray_job_submit_runs_the_pipeline_on_a_token_authenticated_head(token_he
         raise
     _, job = _jobs_api(token_head.url, token_head.token, submission_id)
     assert result.returncode == 0 and (job or {}).get("status") == "SUCCEEDED", f"{job}\n{result.stdout[-6000:]}"
+    assert result.stdout.count("up to date, skipped") == len(TINY_STAGES) - 1, result.stdout[-6000:]
+    assert "evaluate: done" in result.stdout, result.stdout[-6000:]
 
     manifest = json.loads((run_dir / "ingest" / "manifest.json").read_text())
     assert manifest["rows_out"] == 3 * 40 and manifest["rows_quarantined"] == 0

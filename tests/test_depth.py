@@ -8,11 +8,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 import torch
+from conftest import benchmark_with_tiny_llama
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from raybpo.artifacts import read_pairs
-from raybpo.config import Config, TinyModelConfig
+from raybpo.config import TinyModelConfig
 from raybpo.data.schema import PAIR_SCHEMA, prompt_key
 from raybpo.models.gradients import (
     adam_precondition,
@@ -23,7 +24,6 @@ from raybpo.models.gradients import (
     warm_up,
 )
 from raybpo.models.logps import collate_pairs
-from raybpo.models.tiny import build_tiny_model
 from raybpo.projection import RademacherProjection
 from raybpo.rundir import RunDir, StageCounts, run_stage
 from raybpo.selection.clustering import select_random
@@ -37,7 +37,6 @@ from raybpo.selection.depth import (
     strategy_score,
 )
 from raybpo.stages.depth import run_depth
-from raybpo.stages.ingest import ingest
 
 PAD = 0
 
@@ -267,22 +266,12 @@ def test_original_takes_one_pair_per_prompt_before_a_second():
 @pytest.fixture(scope="module")
 def depth_run(ray_session, tmp_path_factory):
     """The benchmark ingested, a tiny policy, and candidate pairs standing in for the score stage."""
-    root = tmp_path_factory.mktemp("depth")
-    cfg = Config(run_dir=str(root), seed=0)
-    cfg.ingest.preset = "benchmark"
-    cfg.benchmark.pairs_per_source = 40
+    tiny = TinyModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64)
+    cfg, cfg.policy.model = benchmark_with_tiny_llama(tmp_path_factory.mktemp("depth"), tiny, pairs_per_source=40)
     cfg.train.max_length, cfg.train.max_prompt_length = 96, 48
     cfg.depth.projection_dim, cfg.depth.batch_size, cfg.depth.pairs_per_cluster = 128, 8, 12
     cfg.depth.eta = 0.2
-    ingest(cfg)
     pairs = read_pairs(RunDir(cfg.run_dir))
-    cfg.policy.model = str(
-        build_tiny_model(
-            pairs["prompt"] + pairs["chosen"],
-            TinyModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64),
-            root / "tiny",
-        )
-    )
     prompts = sorted(set(pairs["prompt"]))[:15]
     rows = [
         {**{k: pairs[k][i] for k in ("pair_id", "prompt", "chosen", "rejected")}, "gap": (i % 7) / 2}

@@ -10,8 +10,6 @@ import json
 import math
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +18,19 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from conftest import benchmark_with_tiny_llama
 
 from raybpo import graph
-from raybpo.artifacts import read_pairs
 from raybpo.config import Config, ConfigError, TinyModelConfig, load_config
 from raybpo.data import benchmark
 from raybpo.data.schema import make_pair_id, prompt_key
 from raybpo.data.splits import split_of
 from raybpo.metrics.winrates import BASELINE, compare, outcome, summarize, win_rate, winrate_rows
 from raybpo.models.reward import load_reward_model, reward_head
-from raybpo.models.tiny import build_tiny_model
 from raybpo.report import write_report
 from raybpo.rundir import RunDir, StageCounts, StageMissingError, run_stage
 from raybpo.stages import evaluate
 from raybpo.stages.evaluate import Judge, held_out_prompts, judge_setup, run_evaluate
-from raybpo.stages.ingest import ingest
 from raybpo.stages.score import oracle_batch
 from raybpo.train.dpo import run_train
 
@@ -188,16 +184,12 @@ SELECTED_PROMPTS = 10  # the tiny reference runs inside the step: no model in th
 
 
 @pytest.fixture(scope="module")
-def tiny_run(ray_session, tmp_path_factory):
+def trained_run(ray_session, tmp_path_factory):
     """The benchmark ingested, a tiny policy (the SFT stand-in), `train`, and a depth selection `random`."""
-    root = tmp_path_factory.mktemp("evaluate")
-    cfg = Config(run_dir=str(root / "run"))
-    cfg.ingest.preset = "benchmark"
-    cfg.benchmark = cfg.benchmark.model_copy(update={"pairs_per_source": 60, "train_prompts": 30, "eval_prompts": 6})
-    ingest(cfg)
-    pairs = read_pairs(RunDir(cfg.run_dir))
     tiny = TinyModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
-    cfg.policy.model = str(build_tiny_model(pairs["prompt"] + pairs["chosen"], tiny, root / "tiny", seed=0))
+    cfg, cfg.policy.model = benchmark_with_tiny_llama(
+        tmp_path_factory.mktemp("evaluate"), tiny, pairs_per_source=60, train_prompts=30, eval_prompts=6
+    )
     cfg.train = cfg.train.model_copy(update=SMALL)
     run_train(cfg)
 
@@ -224,8 +216,8 @@ def test_evaluate_needs_a_trained_policy(tmp_path):
         run_evaluate(cfg)
 
 
-def test_oracle_evaluation_of_the_policy_and_a_variant(tiny_run):
-    cfg = tiny_run.model_copy(deep=True)
+def test_oracle_evaluation_of_the_policy_and_a_variant(trained_run):
+    cfg = trained_run.model_copy(deep=True)
     cfg.evaluate.variants = load_config(
         None, ["evaluate.variants={random-dpo: {selection: random, overrides: {train.alpha: 0, train.rho: 1}}}"]
     ).evaluate.variants
@@ -282,8 +274,8 @@ def test_oracle_evaluation_of_the_policy_and_a_variant(tiny_run):
     assert json.loads((run / "train-random-dpo/manifest.json").read_text()) == variant
 
 
-def test_evaluate_judges_the_variants_it_finds_and_trains_none(tiny_run):
-    cfg = tiny_run.model_copy(deep=True)
+def test_evaluate_judges_the_variants_it_finds_and_trains_none(trained_run):
+    cfg = trained_run.model_copy(deep=True)
     cfg.evaluate.variants = load_config(None, ["evaluate.variants={never-trained: {}}"]).evaluate.variants
     with pytest.raises(StageMissingError, match=r"run `raybpo train --variant never-trained` \(or `raybpo run`\)"):
         run_evaluate(cfg)
@@ -300,8 +292,8 @@ def _flaky_oracle(batch: pa.Table) -> pa.Table:
     return scored.set_column(scored.schema.get_field_index("reason"), "reason", pa.array(reasons))
 
 
-def test_failed_judgements_are_quarantined_by_the_stage_and_counted(tiny_run, monkeypatch):
-    cfg = tiny_run.model_copy(deep=True)
+def test_failed_judgements_are_quarantined_by_the_stage_and_counted(trained_run, monkeypatch):
+    cfg = trained_run.model_copy(deep=True)
     monkeypatch.setattr(evaluate, "judge_setup", lambda *_: Judge(_flaky_oracle, None, "flaky", "flaky oracle"))
     manifest = run_evaluate(cfg).manifest
     run = Path(cfg.run_dir) / "evaluate"
@@ -318,12 +310,12 @@ def test_failed_judgements_are_quarantined_by_the_stage_and_counted(tiny_run, mo
     assert policy["quarantined"] == len(lost) and policy["wins"] + policy["ties"] + policy["losses"] == 12 - len(lost)
 
 
-def test_reward_model_judge_scores_every_response_alone(tiny_run, tmp_path):
-    model, tokenizer = load_reward_model(tiny_run.policy.model)
+def test_reward_model_judge_scores_every_response_alone(trained_run, tmp_path):
+    model, tokenizer = load_reward_model(trained_run.policy.model)
     reward_head(model).weight.data.normal_(0, 1.0)
     model.save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
-    cfg = tiny_run.model_copy(deep=True)
+    cfg = trained_run.model_copy(deep=True)
     cfg.evaluate.judge, cfg.evaluate.reward_model = "reward_model", str(tmp_path / "rm")
     judge = judge_setup(cfg, RunDir(cfg.run_dir))
     assert judge.identity.startswith("external:") and judge.label == f"reward model {tmp_path / 'rm'}"
@@ -336,42 +328,24 @@ def test_reward_model_judge_scores_every_response_alone(tiny_run, tmp_path):
     assert [r["outcome"] for r in table.to_pylist()] == [0.5, 0.5]  # the same texts: ties
 
 
-class _Judge(BaseHTTPRequestHandler):
-    """A loopback OpenAI-compatible judge: a score from the text's hash, or an unparseable answer for a third."""
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        digest = hashlib.sha256(body["messages"][0]["content"].encode()).digest()[0]
-        content = "about seven" if digest % 3 == 0 else str(1 + digest % 10)
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+def _hashed_score(message: str) -> str:
+    """The LLM judge's answer: a score from the text's hash, or an unparseable answer for a third."""
+    digest = hashlib.sha256(message.encode()).digest()[0]
+    return "about seven" if digest % 3 == 0 else str(1 + digest % 10)
 
 
-def test_llm_judge_failures_are_quarantined_comparisons_with_their_reason(tiny_run):
+def test_llm_judge_failures_are_quarantined_comparisons_with_their_reason(trained_run, judge_server):
     """The judge's scorer as the stage builds it (here in-process; the oracle run covers the Ray path)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        cfg = tiny_run.model_copy(deep=True)
+    with judge_server(_hashed_score) as url:
+        cfg = trained_run.model_copy(deep=True)
         cfg.evaluate.judge = "judge"
         cfg.evaluate.llm_judge = cfg.score.judge.model_copy(
-            update={"url": f"http://127.0.0.1:{server.server_port}/v1", "max_retries": 0, "requests_per_second": 500}
+            update={"url": url, "max_retries": 0, "requests_per_second": 500}
         )
         judge = judge_setup(cfg, RunDir(cfg.run_dir))
         prompts = [f"Describe the {t}." for t in ("cat", "dog", "sun", "moon")]
         rows = [(o, p, i, f"{o} {p} {i}", None, "") for o in (BASELINE, "train") for p in prompts for i in range(3)]
         scored = judge.scorer(**judge.args)(_responses(rows).drop_columns(["score", "reason"]))
-    finally:
-        server.shutdown()
-        thread.join()
     assert judge.identity.startswith("judge:") and judge.label.startswith("LLM judge")
     failed = {(r["origin"], r["prompt"], r["candidate"]) for r in scored.to_pylist() if r["reason"]}
     assert failed and all(r["reason"] == "unparseable_score: 'about seven'" for r in scored.to_pylist() if r["reason"])

@@ -24,9 +24,9 @@ import socket
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import ChatCompletions, JudgeServer, serving
 
 from raybpo.config import JudgeConfig
 from raybpo.data.schema import canonical_prompt
@@ -50,26 +50,8 @@ class _State:
         self.max_in_flight = 0
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(ChatCompletions):
     server: _Server
-
-    def log_message(self, format: str, *args: object) -> None:  # keep the test output quiet
-        pass
-
-    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
-            pass
-
-    def _answer(self, content: str) -> None:
-        self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode())
 
     def _drip(self) -> None:
         """A 200 whose body comes a byte per 0.1 s: each read is quick, the whole takes about 7 s."""
@@ -109,7 +91,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {"path": self.path, "headers": dict(self.headers), "body": body, "t": time.monotonic()}
             )
         if self.path != "/v1/chat/completions":
-            return self._send(404, b'{"error": "not found"}')
+            return self.send(404, b'{"error": "not found"}')
 
         if "[together]" in content:
             with state.cond:
@@ -121,13 +103,13 @@ class _Handler(BaseHTTPRequestHandler):
             with state.cond:
                 state.in_flight -= 1
         if (m := re.search(r"\[(\d{3})x(\d+)\]", content)) and n <= int(m[2]):
-            return self._send(int(m[1]), b'{"error": "try again"}')
+            return self.send(int(m[1]), b'{"error": "try again"}')
         if m := re.search(r"\[(\d{3})\]", content):
-            return self._send(int(m[1]), b'{"error": "no"}')
+            return self.send(int(m[1]), b'{"error": "no"}')
         if (m := re.search(r"\[retryafter:([\d.]+)\]", content)) and n == 1:
-            return self._send(429, b'{"error": "slow down"}', {"Retry-After": m[1]})
+            return self.send(429, b'{"error": "slow down"}', {"Retry-After": m[1]})
         if "[redirect]" in content:
-            return self._send(302, b"", {"Location": "/stolen"})
+            return self.send(302, b"", {"Location": "/stolen"})
         if "[chunked]" in content:
             return self._chunked(re.search(r"\[good:([^\]]+)\]", content)[1])
         if "[drip]" in content and n == 1:
@@ -135,45 +117,36 @@ class _Handler(BaseHTTPRequestHandler):
         if ("[slow]" in content and n == 1) or "[slowalways]" in content:
             state.stop.wait(30)
         if "[malformed]" in content and n == 1:
-            return self._send(200, b'{"choices": [{"message": ')
+            return self.send(200, b'{"choices": [{"message": ')
         if "[nonnumeric]" in content:
-            return self._answer("Score: seven")
+            return self.answer("Score: seven")
         if "[nocontent]" in content:
-            return self._send(200, b'{"choices": []}')
+            return self.send(200, b'{"choices": []}')
         if "[echokey]" in content:
-            return self._answer(f"key {self.headers.get('Authorization')}")
+            return self.answer(f"key {self.headers.get('Authorization')}")
         good = re.search(r"\[good:([^\]]+)\]", content)
-        return self._answer(good[1] if good else "5")
+        return self.answer(good[1] if good else "5")
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(JudgeServer):
     daemon_threads = False  # handler threads are tracked, so server_close() joins them (teardown sets `stop` first)
     block_on_close = True
 
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(handler=_Handler)
         self.state = _State()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
 
 @pytest.fixture
 def server():
     srv = _Server()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.state.stop.set()
-        with srv.state.cond:
-            srv.state.cond.notify_all()
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
-        assert not thread.is_alive()
+    with serving(srv):
+        try:
+            yield srv
+        finally:
+            srv.state.stop.set()
+            with srv.state.cond:
+                srv.state.cond.notify_all()
 
 
 @pytest.fixture

@@ -1,10 +1,9 @@
-"""`raybpo run`: the whole stage graph on a tiny benchmark, a rerun that skips every stage, `--from train`
-redoing only the tail, and a driver killed mid-pipeline whose rerun finishes with the same outputs."""
+"""`raybpo run`: the whole stage graph on a tiny benchmark (the session's tests/tiny.yaml run), a rerun that
+skips every stage, and `--from train` killed mid-training whose rerun redoes only the tail, to the same outputs."""
 
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,16 +31,8 @@ def _manifests(run: Path) -> dict[str, dict]:
     return {s: json.loads((run / s / "manifest.json").read_text()) for s in STAGES}
 
 
-@pytest.fixture(scope="module")
-def tiny_run(ray_session, tmp_path_factory):
-    run = tmp_path_factory.mktemp("pipeline") / "run"
-    started = time.perf_counter()
-    assert main(["run", "--config", TINY, "--run-dir", str(run)]) == 0
-    return run, time.perf_counter() - started
-
-
-def test_the_whole_pipeline_runs_and_ends_with_a_summary_and_the_report(tiny_run, capsys):
-    run, seconds = tiny_run
+def test_the_whole_pipeline_runs_and_ends_with_a_summary_and_the_report(tiny_run):
+    run = tiny_run.path
     manifests = _manifests(run)
     assert manifests["depth"]["selection"] == "bpo" and manifests["depth"]["budget"] == manifests["train"]["rows_in"]
     assert manifests["evaluate"]["rows_in"] > 0 and 0.0 <= manifests["evaluate"]["win_rate"] <= 1.0
@@ -49,11 +40,11 @@ def test_the_whole_pipeline_runs_and_ends_with_a_summary_and_the_report(tiny_run
     assert [p["name"] for p in evaluation["policies"]] == ["train"]
     markdown = (run / "report/report.md").read_text()
     assert (run / "report/report.html").exists() and "win rate" in markdown.lower()
-    print(f"tiny pipeline: {seconds:.0f} s")
+    print(f"tiny pipeline: {tiny_run.seconds:.0f} s")
 
 
-def test_a_rerun_skips_every_stage(tiny_run, capsys):
-    run, _ = tiny_run
+def test_a_rerun_skips_every_stage(tiny_run, tmp_path, capsys):
+    run = tiny_run.copy(tmp_path / "run")
     before = _manifests(run)
     assert main(["run", "--config", TINY, "--run-dir", str(run)]) == 0
     out = capsys.readouterr().out
@@ -62,28 +53,19 @@ def test_a_rerun_skips_every_stage(tiny_run, capsys):
     assert _manifests(run) == before
 
 
-def test_from_train_redoes_only_the_tail(tiny_run, capsys):
-    run, _ = tiny_run
-    before = _manifests(run)
-    assert main(["run", "--config", TINY, "--run-dir", str(run), "--from", "train"]) == 0
-    after = _manifests(run)
-    for stage in STAGES[: STAGES.index("train")]:
-        assert after[stage] == before[stage], stage
-    for stage in ("train", "evaluate"):
-        assert after[stage]["created_at"] >= before[stage]["created_at"] and after[stage] != before[stage], stage
-        assert after[stage]["config_hash"] == before[stage]["config_hash"]
-    assert after["evaluate"]["win_rate"] == before["evaluate"]["win_rate"]  # CPU training is deterministic
-
-
-def test_a_killed_driver_reruns_to_the_same_outputs(tiny_run, tmp_path):
-    """Kill `raybpo run` while it trains (after depth), rerun it: the outputs equal the uninterrupted run's."""
-    run, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "report", "train*", "evaluate"))
-    command = [sys.executable, "-m", "raybpo.cli", "run", "--config", TINY, "--run-dir", str(copy)]
+def test_from_train_killed_mid_training_reruns_only_the_tail_to_the_same_outputs(tiny_run, tmp_path):
+    """Kill `raybpo run --from train` while it trains (its first checkpoint), rerun it: the stages before train
+    are left as they were, train and evaluate are redone, and the outputs equal the uninterrupted run's."""
+    run = tiny_run.path
+    copy = tiny_run.copy(tmp_path / "run", "checkpoints", "report")  # train starts from scratch: no checkpoints
+    command = ["run", "--config", TINY, "--run-dir", str(copy), "--from", "train"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen(
-        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "raybpo.cli", *command],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 300
     while not any((copy / "checkpoints").glob("train-*/checkpoint_*")) and driver.poll() is None:
@@ -92,12 +74,16 @@ def test_a_killed_driver_reruns_to_the_same_outputs(tiny_run, tmp_path):
     assert driver.poll() is None, "the pipeline finished before it could be killed"
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    assert not (copy / "train/manifest.json").exists()
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    first, second = _manifests(run), _manifests(copy)
-    assert second["evaluate"]["win_rate"] == first["evaluate"]["win_rate"]
-    assert second["train"]["final_metrics"] == first["train"]["final_metrics"]
+    assert not (copy / "train/manifest.json").exists() and not (copy / "evaluate/manifest.json").exists()
+    assert main(command) == 0  # the rerun, on this session's Ray: the killed driver's died with it
+    before, after = _manifests(run), _manifests(copy)
+    for stage in STAGES[: STAGES.index("train")]:
+        assert after[stage] == before[stage], stage
+    for stage in ("train", "evaluate"):
+        assert after[stage]["created_at"] >= before[stage]["created_at"] and after[stage] != before[stage], stage
+        assert after[stage]["config_hash"] == before[stage]["config_hash"]
+    assert after["evaluate"]["win_rate"] == before["evaluate"]["win_rate"]  # CPU training is deterministic
+    assert after["train"]["final_metrics"] == before["train"]["final_metrics"]
     a = pads.dataset(run / "depth/selections/bpo").to_table().sort_by("pair_id")
     b = pads.dataset(copy / "depth/selections/bpo").to_table().sort_by("pair_id")
     assert a.equals(b)

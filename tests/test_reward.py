@@ -3,66 +3,34 @@ benchmark's sources, and a small run on the real HH rows."""
 
 import functools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray.cloudpickle
 import torch
+from conftest import benchmark_with_tiny_llama, crash_once
 from safetensors.torch import load_file
 
 from raybpo.artifacts import read_pairs
 from raybpo.config import Config, RewardConfig, SourceSpec, TinyModelConfig
 from raybpo.metrics.reward import score_pairs
 from raybpo.models.reward import load_reward_model, pooled_and_rewards, reward_head
-from raybpo.models.tiny import build_tiny_model
 from raybpo.rundir import RunDir
 from raybpo.stages.ingest import ingest
 from raybpo.train.loop import fit
 from raybpo.train.reward import RewardRecipe, make_reward_recipe, resample, run_reward
 
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the recipe below runs in Ray workers
-
 
 def _benchmark_run(root: Path, pairs_per_source: int) -> tuple[Config, str]:
     """A run dir with the benchmark ingested, and a tiny Llama built on its text as the reward backbone."""
-    cfg = Config(run_dir=str(root / "run"))
-    cfg.ingest.preset = "benchmark"
-    cfg.benchmark.pairs_per_source = pairs_per_source
-    ingest(cfg)
-    pairs = read_pairs(RunDir(cfg.run_dir))
-    texts = pairs["prompt"] + pairs["chosen"] + pairs["rejected"]
-    backbone = build_tiny_model(
-        texts, TinyModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128), root / "tiny", seed=0
-    )
-    return cfg, str(backbone)
+    tiny = TinyModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128)
+    return benchmark_with_tiny_llama(root, tiny, ("prompt", "chosen", "rejected"), pairs_per_source=pairs_per_source)
 
 
 @pytest.fixture(scope="module")
 def benchmark_run(ray_session, tmp_path_factory):
     """A run dir with 3 x 200 benchmark pairs ingested, and a tiny Llama to use as the reward backbone."""
     return _benchmark_run(tmp_path_factory.mktemp("reward"), 200)
-
-
-class CrashOnce(RewardRecipe):
-    """Rank 1 raises in step 5 of the first attempt (2 micro-batches a step), after the step-4 checkpoint."""
-
-    marker: Path
-
-    def loss(self, model, rows, workers, training):
-        self.calls = getattr(self, "calls", 0) + 1
-        if training and workers.rank == 1 and self.calls == 9 and not self.marker.exists():
-            self.marker.write_text("crashed")
-            raise RuntimeError("injected worker failure")
-        return super().loss(model, rows, workers, training)
-
-
-def _crash_once(marker: str, *args) -> CrashOnce:
-    recipe = make_reward_recipe(*args)
-    recipe.__class__ = CrashOnce
-    recipe.marker = Path(marker)
-    return recipe
 
 
 def _reward_fit(cfg, backbone, name, workers, per_source, factory=None):
@@ -93,7 +61,7 @@ def test_more_lambda_is_identical_on_two_workers_and_survives_a_crash(benchmark_
         "rm-two",
         workers=2,
         per_source=1,
-        factory=lambda *a: functools.partial(_crash_once, str(marker), *a),
+        factory=lambda *a: crash_once(make_reward_recipe, str(marker), 9, *a),  # rank 1, step 5 (2 calls a step)
     )
     assert marker.exists() and two_result.return_value["resumed_from"] == [4]
     one_history, two_history = one_result.return_value["history"], two_result.return_value["history"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import ray.cloudpickle
 import torch
+from conftest import crash_once
 from safetensors.torch import load_file
 
 from raybpo.config import Config, TinyModelConfig
@@ -98,33 +99,14 @@ def test_two_workers_equal_one_worker_with_the_same_global_batch(prepared, two_w
     assert two_history[-1]["filter/kept_fraction"] == pytest.approx(0.75)  # floor(8 * 0.8) / 8 per micro-batch
 
 
-class CrashOnce(DpoRecipe):
-    """Rank 1 raises in step 6 of the first attempt, after the step-4 checkpoint (a marker file remembers)."""
-
-    marker: Path
-
-    def loss(self, model, rows, workers, training):
-        self.calls = getattr(self, "calls", 0) + 1
-        if workers.rank == 1 and self.calls == 11 and not self.marker.exists():
-            self.marker.write_text("crashed")
-            raise RuntimeError("injected worker failure")
-        return super().loss(model, rows, workers, training)
-
-
-def _crash_once(marker: str, *args) -> CrashOnce:
-    recipe = make_dpo_recipe(*args)
-    recipe.__class__ = CrashOnce
-    recipe.marker = Path(marker)
-    return recipe
-
-
 def test_failed_worker_is_restarted_and_resumes_from_its_checkpoint(prepared, two_workers, tmp_path):
     cfg, _ = prepared
     marker = tmp_path / "crashed"
     train = cfg.train.model_copy(update={"lr": 1e-2, "num_workers": 2, "micro_batch_size": 4, **SETTINGS})
-    factory = functools.partial(
-        _crash_once,
+    factory = crash_once(  # rank 1 fails in step 6, after the step-4 checkpoint
+        make_dpo_recipe,
         str(marker),
+        11,
         cfg.run_dir,
         "train",
         cfg.policy.model,

@@ -1,13 +1,15 @@
 """`raybpo tune`: the search space, and a two-trial sweep over train.beta0 on a tiny run.
 
-The run: the benchmark (3 x 60 pairs over 30 prompts, 6 held-out prompts), a tiny config-built policy as
-`policy.model` (no sft stage), stages ingest, train, evaluate. The sweep shares the main run's ingest (copied
-into each trial as hard links) and runs train + evaluate per trial, with ASHA on eval_loss.
+The run: tests/tiny.yaml's benchmark (3 x 40 pairs over 24 prompts, 4 held-out prompts) and its SFT model as
+`policy.model` (both from the session's tiny run; no sft stage), stages ingest, train, evaluate. The sweep shares
+the main run's ingest (copied into each trial as hard links) and runs train + evaluate per trial, with ASHA on
+eval_loss.
 """
 
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,15 +17,12 @@ import pytest
 import ray
 from ray.util import placement_group_table
 
-from raybpo.artifacts import read_pairs
-from raybpo.config import Config, ConfigError, TinyModelConfig, TuneConfig, load_config
-from raybpo.models.tiny import build_tiny_model
-from raybpo.rundir import RunDir
-from raybpo.stages.ingest import ingest
+from raybpo.config import Config, ConfigError, TuneConfig, load_config
 from raybpo.tune import run_tune
 from raybpo.tune.search import check_search, trial_name, trial_overrides
 from raybpo.tune.trial import StopBoard, make_scheduler
 
+TINY = Path(__file__).with_name("tiny.yaml")
 TRAIN = {"batch_size": 16, "micro_batch_size": 16, "checkpoint_every": 5, "log_every": 1000, "lr": 1e-2}
 TRAIN |= {"precompute_ref_logps": False}  # the tiny reference runs inside the step: no model in the prepare pass
 
@@ -100,13 +99,16 @@ def test_asha_stops_a_trial_through_the_board_and_tells_tune_to_continue(ray_ses
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_session, tmp_path_factory):
+def sweep(tiny_run, tmp_path_factory):
+    """The main run: tests/tiny.yaml cut to ingest, train, evaluate, its ingest and `policy.model` the session's
+    tiny run's (ingest copied, the SFT model read in place)."""
     root = tmp_path_factory.mktemp("tune")
-    cfg = _config(root / "run", search_space={"train.beta0": [0.05, 0.2]}, grace_period=5)
-    ingest(cfg)
-    pairs = read_pairs(RunDir(cfg.run_dir))
-    tiny = TinyModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
-    cfg.policy.model = str(build_tiny_model(pairs["prompt"] + pairs["chosen"], tiny, root / "tiny", seed=0))
+    cfg = load_config(TINY, [f"run_dir={root / 'run'}", "stages=[ingest,train,evaluate]"])
+    cfg.policy.model = str(tiny_run.path / "sft" / "model")
+    cfg.train = cfg.train.model_copy(update=TRAIN)
+    cfg.evaluate = cfg.evaluate.model_copy(update={"samples_per_prompt": 1, "max_new_tokens": 8, "batch_size": 8})
+    cfg.tune = cfg.tune.model_validate({"search_space": {"train.beta0": [0.05, 0.2]}, "grace_period": 5})
+    shutil.copytree(tiny_run.path / "ingest", root / "run" / "ingest")
     before = set(placement_group_table())
     summary = run_tune(cfg)
     leaked = [pg for key, pg in placement_group_table().items() if key not in before and pg["state"] != "REMOVED"]
