@@ -125,7 +125,6 @@ def test_more_and_multitask_beat_chance_on_every_source(ray_session, tmp_path):
             lr=2e-3,
             epochs=4,
             batch_size=24,
-            pairs_per_source_per_batch=8,  # one micro-batch of 8 pairs of every source per step
             eval_fraction=0.25,
             checkpoint_every=1000,
             max_length=64,
