@@ -28,6 +28,7 @@ REAL = str(Path(__file__).with_name("real.yaml"))
 TEXTS = ["Hello there, how are you today?", "I am fine, thank you for asking."] * 20
 TINY = TinyModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
 LORA = TrainConfig(lora_rank=4, lora_target_modules=["q_proj", "v_proj"])
+ROWS = 40  # real HH rows through the pipeline: enough for every stage's splits, few enough to stay quick
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +120,9 @@ def test_a_hub_id_saves_and_reloads(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_run(ray_session, smollm2_folder, hh_lines, tmp_path_factory) -> Path:
-    """tests/real.yaml on 60 real HH rows with short prompts (generation and lengths stay small)."""
+    """tests/real.yaml on ROWS real HH rows with short prompts (generation and lengths stay small)."""
     root = tmp_path_factory.mktemp("real")
-    rows = [line for line in hh_lines if len(read_hh(json.loads(line))["prompt"]) < 400][:60]
+    rows = [line for line in hh_lines if len(read_hh(json.loads(line))["prompt"]) < 400][:ROWS]
     with gzip.open(root / "hh.jsonl.gz", "wt", encoding="utf-8") as handle:
         handle.write("\n".join(rows) + "\n")
     source = json.dumps([{"path": str(root / "hh.jsonl.gz"), "format": "hh", "name": "hh"}])
@@ -137,7 +138,7 @@ def _manifest(run: Path, stage: str) -> dict:
 def test_every_model_running_stage_works_on_smollm2(real_run):
     run = real_run
     ingest = _manifest(run, "ingest")
-    assert ingest["rows_out"] + ingest["rows_quarantined"] == 60 and ingest["rows_out"] >= 55
+    assert ingest["rows_out"] + ingest["rows_quarantined"] == ROWS and ingest["rows_out"] >= ROWS - 5
     reward = _manifest(run, "reward")
     assert set(reward["evaluation"]["models"]) == {"model", "judge"}
     assert (run / "reward/model/model.safetensors").exists() and (run / "reward/judge/model.safetensors").exists()

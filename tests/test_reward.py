@@ -2,6 +2,7 @@
 benchmark's sources, and a small run on the real HH rows."""
 
 import functools
+import gzip
 import json
 from pathlib import Path
 
@@ -150,18 +151,22 @@ def test_resample_truncates_or_upsamples_each_source():
     assert len(set(resample(list(range(100)), 30, rng))) == 30
 
 
-def test_small_real_data_run_on_hh_rows(ray_session, tmp_path, hh_path):
+def test_small_real_data_run_on_hh_rows(ray_session, tmp_path, hh_lines):
+    """The first 240 real HH rows, half of them held out (about 110 pairs): two steps of 16 pairs, then scored."""
+    rows = tmp_path / "hh.jsonl.gz"
+    with gzip.open(rows, "wt", encoding="utf-8") as handle:
+        handle.write("\n".join(hh_lines[:240]) + "\n")
     cfg = Config(run_dir=str(tmp_path / "hh"))
-    cfg.ingest.sources = [SourceSpec(path=str(hh_path), name="harmless")]
+    cfg.ingest.sources = [SourceSpec(path=str(rows), name="harmless")]
     ingest(cfg)
     cfg.reward = RewardConfig(
         mode="more",
         lr=2e-5,
         batch_size=16,
         samples_per_source=32,
-        eval_fraction=0.05,
+        eval_fraction=0.5,
         checkpoint_every=2,
-        max_length=128,
+        max_length=64,
     )
     manifest = run_reward(cfg).manifest  # the bundled all-MiniLM-L6-v2 encoder as backbone
     metrics = manifest["evaluation"]["models"]["model"]["per_source"]["harmless"]
