@@ -136,9 +136,12 @@ class CrashOnce:
 
 def _crash_once(make_recipe: Callable[..., Any], marker: str, crash_at: int, *args: Any) -> Any:
     recipe = make_recipe(*args)
-    recipe.__class__ = type(f"CrashOnce{type(recipe).__name__}", (CrashOnce, type(recipe)), {})
-    recipe.marker, recipe.crash_at = Path(marker), crash_at
-    return recipe
+    # A new instance of the mixed class with the recipe's state: Python refuses to assign `__class__` to this
+    # class made by type() from the mixin and the recipe's class ("object layout differs").
+    crashing = object.__new__(type(f"CrashOnce{type(recipe).__name__}", (CrashOnce, type(recipe)), {}))
+    crashing.__dict__.update(vars(recipe))
+    crashing.marker, crashing.crash_at = Path(marker), crash_at
+    return crashing
 
 
 def crash_once(make_recipe: Callable[..., Any], marker: str, crash_at: int, *args: Any) -> Callable[[], Any]:
