@@ -10,23 +10,29 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from raybpo.train.loop import Recipe
-
 STATE_FILE = "trainer_state.json"
+
+
+class CheckpointedRecipe(Protocol):
+    """What a checkpoint needs of the loop's recipe (`train.loop.Recipe`): its model files and its state."""
+
+    def save_model(self, model: nn.Module, directory: Path) -> None: ...
+    def load_model(self, model: nn.Module, directory: Path) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Checkpointer:
     """Write and read the loop's checkpoint directories (`model` unwrapped from DDP)."""
 
     @staticmethod
-    def save(directory: Path, recipe: Recipe, model: nn.Module, optimizer, scheduler, state: dict) -> None:
+    def save(directory: Path, recipe: CheckpointedRecipe, model: nn.Module, optimizer, scheduler, state: dict) -> None:
         recipe.save_model(model, directory)
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "recipe": recipe.state_dict()},
@@ -39,7 +45,7 @@ class Checkpointer:
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, directory / f"rng_{rank}.pt")
 
     @staticmethod
-    def load(directory: Path, recipe: Recipe, model: nn.Module, optimizer, scheduler, rank: int) -> dict:
+    def load(directory: Path, recipe: CheckpointedRecipe, model: nn.Module, optimizer, scheduler, rank: int) -> dict:
         recipe.load_model(model, directory)
         optim = torch.load(directory / "optim.pt", weights_only=False)
         optimizer.load_state_dict(optim["optimizer"])
