@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+from ray.data.context import ShuffleStrategy
 
 from raybpo.artifacts import INGEST, INGEST_QUARANTINE, INGESTED_PAIRS, benchmark_file, in_stage, relpath
 from raybpo.cluster import init_ray
@@ -247,6 +248,11 @@ def _select(batch: pa.Table, bad: bool, columns: list[str]) -> pa.Table:
     return batch.filter(is_bad if bad else pc.invert(is_bad)).select(columns)
 
 
+def _count_rows(batch: pa.Table) -> pa.Table:
+    """map_batches: rows per (file, reason) of one batch; the driver sums these few counts (no shuffle)."""
+    return batch.group_by(["file", "reason"]).aggregate([([], "count_all")])
+
+
 def _first_of_group(group: pa.Table) -> pa.Table:
     """map_groups: keep the earliest (file, row) of a set of identical pairs."""
     return group.sort_by([("file", "ascending"), ("row", "ascending")]).slice(0, 1)
@@ -313,8 +319,8 @@ def _ingest_sources(cfg: Config, sources: list[ResolvedSource], run_dir: RunDir)
 
     partitions = max(1, min(200, -(-parsed.count() // ROWS_PER_SHUFFLE_PARTITION)))
     by_file: dict[str, Counter[str]] = {}
-    for item in parsed.groupby(["file", "reason"], num_partitions=partitions).count().take_all():
-        by_file.setdefault(item["file"], Counter())[item["reason"]] += item["count()"]
+    for item in parsed.map_batches(_count_rows, batch_format="pyarrow").take_all():
+        by_file.setdefault(item["file"], Counter())[item["reason"]] += item["count_all"]
     rows_in = sum(sum(c.values()) for c in by_file.values())
     reasons: Counter[str] = Counter()
     for counts in by_file.values():
@@ -332,6 +338,8 @@ def _ingest_sources(cfg: Config, sources: list[ResolvedSource], run_dir: RunDir)
     )
     rows_good = rows_in - rows_quarantined
     if cfg.ingest.dedup:
+        if partitions == 1:  # hash shuffle starts aggregator actors, seconds of fixed cost for one partition
+            good.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
         good = good.groupby("pair_id", num_partitions=partitions).map_groups(_first_of_group, batch_format="pyarrow")
     pairs = good.map_batches(lambda t: t.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA), batch_format="pyarrow")
     pairs = pairs.materialize()
