@@ -15,8 +15,9 @@ from raybpo.data.schema import prompt_key
 from raybpo.models.generation import sample_seed
 from raybpo.models.reward import load_reward_model, reward_head
 from raybpo.rundir import RunDir, StageCounts, run_stage
+from raybpo.scoring.reward_model import RewardModelScorer
 from raybpo.stages.generate import run_generate, vllm_processor, vllm_requests
-from raybpo.stages.score import RewardModelScorer, all_pairs, run_score, uniform_pairs
+from raybpo.stages.score import all_pairs, run_score, uniform_pairs
 
 KEPT = 6
 

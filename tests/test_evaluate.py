@@ -29,9 +29,9 @@ from raybpo.metrics.winrates import BASELINE, compare, outcome, summarize, win_r
 from raybpo.models.reward import load_reward_model, reward_head
 from raybpo.report import write_report
 from raybpo.rundir import RunDir, StageCounts, StageMissingError, run_stage
+from raybpo.scoring.scorers import oracle_batch
 from raybpo.stages import evaluate
 from raybpo.stages.evaluate import Judge, held_out_prompts, judge_setup, run_evaluate
-from raybpo.stages.score import oracle_batch
 from raybpo.train.dpo import run_train
 
 # -- the win rate ---------------------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ from raybpo.rundir import (
     run_stage,
     stage_identity,
 )
-from raybpo.stages.score import SCORED, JudgeScorer, RewardModelScorer, oracle_batch
+from raybpo.scoring.reward_model import RewardModelScorer
+from raybpo.scoring.scorers import SCORED, JudgeScorer, oracle_batch
 
 STAGE = EVALUATE
 MAIN = TRAIN

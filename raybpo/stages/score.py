@@ -1,16 +1,9 @@
 """The `score` stage (Ray Data): a scalar per candidate, then candidate pairs (docs/ALGORITHMS.md 3.2).
 
-Scorers, one interface: a Ray Data `map_batches` callable taking a pyarrow batch of candidates (prompt,
-response, ...) to the same rows as `SCORED`, each with its `score` and a `reason` ("" when scored; a failed
-judgement keeps a null score and its reason):
-- `reward_model` (`RewardModelScorer`, an actor): a one-output sequence-classification model
-  (`score.reward_model`, default the reward stage's `reward/model/`, e.g. the MORE-trained one);
-- `judge` (`JudgeScorer`, one actor holding one client): an LLM judge at an OpenAI-compatible URL
-  (`raybpo.scoring.judge.JudgeClient.score_many`: concurrent, rate-limited, retried; the API key from the
-  environment variable named in the config);
-- `oracle` (`oracle_batch`, a function): the built-in benchmark's ground-truth utility (its source average).
-  It exists only for the benchmark and is labelled `oracle` in the manifest and the pairs' `source`.
-The evaluate stage judges policies' responses with the same scorers.
+Scorers (`score.scorer`, `raybpo.scoring.scorers`): `reward_model` (`score.reward_model`, default the reward
+stage's `reward/model/`, e.g. the MORE-trained one), `judge` (an LLM judge) or `oracle` (the built-in benchmark's
+ground truth, only for the benchmark, labelled `oracle` in the manifest and the pairs' `source`). The evaluate
+stage judges policies' responses with the same scorers.
 
 A candidate whose judgement fails for good is quarantined (`score/quarantine/`) with its reason; the
 rest are paired per prompt by `uniform_pairs` (rank i with rank n+1-i) or `all_pairs`, dropping
@@ -44,10 +37,8 @@ from raybpo.artifacts import (
     scorer_model,
 )
 from raybpo.cluster import init_ray
-from raybpo.config import Config, JudgeConfig
-from raybpo.data import benchmark
+from raybpo.config import Config
 from raybpo.data.schema import PAIR_SCHEMA, make_pair_id
-from raybpo.models.reward import encode_texts, load_reward_model
 from raybpo.rundir import (
     NO_CONTEXT,
     RunDir,
@@ -58,20 +49,10 @@ from raybpo.rundir import (
     run_stage,
     stage_identity,
 )
+from raybpo.scoring.reward_model import RewardModelScorer
+from raybpo.scoring.scorers import SCORED, JudgeScorer, oracle_batch
 
 STAGE = SCORE
-RM_BATCH = 32
-SCORED = pa.schema(
-    [
-        ("prompt_key", pa.string()),
-        ("prompt", pa.string()),
-        ("candidate", pa.int32()),
-        ("origin", pa.string()),
-        ("response", pa.string()),
-        ("score", pa.float64()),
-        ("reason", pa.string()),
-    ]
-)
 
 
 def uniform_pairs(scores: list[float], min_gap: float) -> list[tuple[int, int]]:
@@ -92,61 +73,6 @@ def all_pairs(scores: list[float], min_gap: float) -> list[tuple[int, int]]:
         if scores[hi] - scores[lo] >= min_gap and scores[hi] > scores[lo]:
             out.append((hi, lo))
     return out
-
-
-class RewardModelScorer:
-    """Ray Data actor: candidates -> reward-model scores (one forward per batch of RM_BATCH)."""
-
-    def __init__(self, model: str, max_length: int):
-        import torch
-
-        self.torch = torch
-        self.model, self.tokenizer = load_reward_model(model)
-        self.model.eval()
-        self.max_length = max_length
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        prompts, responses = batch["prompt"].to_pylist(), batch["response"].to_pylist()
-        scores: list[float] = []
-        with self.torch.no_grad():
-            for start in range(0, len(prompts), RM_BATCH):
-                encoded = encode_texts(
-                    self.tokenizer,
-                    prompts[start : start + RM_BATCH],
-                    responses[start : start + RM_BATCH],
-                    self.max_length,
-                )
-                scores += self.model(**encoded).logits[:, 0].float().tolist()
-        return _with_scores(batch, scores, [""] * len(scores))
-
-
-class JudgeScorer:
-    """Ray Data actor holding ONE judge client, so its concurrency and rate limit hold for the whole job."""
-
-    def __init__(self, judge: dict):
-        from raybpo.scoring.judge import JudgeClient
-
-        self.client = JudgeClient(JudgeConfig.model_validate(judge))
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """A failed judgement keeps its reason and a null score (it is quarantined, not lost)."""
-        items = list(zip(batch["prompt"].to_pylist(), batch["response"].to_pylist(), strict=True))
-        judgements = self.client.score_many(items)
-        return _with_scores(batch, [j.score for j in judgements], [j.reason or "" for j in judgements])
-
-
-def oracle_batch(batch: pa.Table) -> pa.Table:
-    """map_batches: the benchmark's ground-truth utility, averaged over its sources."""
-    scores = [
-        benchmark.mean_utility(p, r)
-        for p, r in zip(batch["prompt"].to_pylist(), batch["response"].to_pylist(), strict=True)
-    ]
-    return _with_scores(batch, scores, [""] * len(scores))
-
-
-def _with_scores(batch: pa.Table, scores: list, reasons: list[str]) -> pa.Table:
-    columns = {name: batch[name] for name in SCORED.names if name in batch.column_names}
-    return pa.table({**columns, "score": pa.array(scores, pa.float64()), "reason": reasons}, schema=SCORED)
 
 
 def make_pairs(scored: pa.Table, rule: str, min_gap: float, source: str) -> pa.Table:
