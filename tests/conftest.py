@@ -34,6 +34,9 @@ TINY = Path(__file__).with_name("tiny.yaml")
 # Set before anything imports raybpo (Hugging Face reads these at import); the builders below import it lazily.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One node, never preempted: no preemption-watcher actor beside every Ray Train run (a process start each; Ray
+# Train passes the variable on to its controller).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Converted models (the bundled GGUF) go to a cache of this session, so every run converts for real; set before
 # Ray starts so its workers share it.
 if "RAYBPO_MODEL_CACHE" not in os.environ:

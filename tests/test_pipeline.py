@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
+import ray
 
 from raybpo import graph
 from raybpo.cli import main
@@ -55,11 +56,14 @@ def test_a_rerun_skips_every_stage(tiny_run, tmp_path, capsys):
 
 def test_from_train_killed_mid_training_reruns_only_the_tail_to_the_same_outputs(tiny_run, tmp_path):
     """Kill `raybpo run --from train` while it trains (its first checkpoint), rerun it: the stages before train
-    are left as they were, train and evaluate are redone, and the outputs equal the uninterrupted run's."""
+    are left as they were, train and evaluate are redone, and the outputs equal the uninterrupted run's.
+
+    The killed driver joins this session's Ray, as a driver on a running cluster would: Ray ends its job's
+    actors (its Train controller and workers) when the driver dies."""
     run = tiny_run.path
     copy = tiny_run.copy(tmp_path / "run", "checkpoints", "report")  # train starts from scratch: no checkpoints
     command = ["run", "--config", TINY, "--run-dir", str(copy), "--from", "train"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     driver = subprocess.Popen(
         [sys.executable, "-m", "raybpo.cli", *command],
         env=env,
@@ -75,7 +79,7 @@ def test_from_train_killed_mid_training_reruns_only_the_tail_to_the_same_outputs
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     assert not (copy / "train/manifest.json").exists() and not (copy / "evaluate/manifest.json").exists()
-    assert main(command) == 0  # the rerun, on this session's Ray: the killed driver's died with it
+    assert main(command) == 0  # the rerun, on the same Ray
     before, after = _manifests(run), _manifests(copy)
     for stage in STAGES[: STAGES.index("train")]:
         assert after[stage] == before[stage], stage
