@@ -1,8 +1,8 @@
 """The evaluate stage: win-rate maths, variant configs, judged comparisons, and a tiny run end to end.
 
-The run: the benchmark (3 x 60 pairs over 30 prompts, 6 held-out prompts), a tiny config-built policy
-standing in for the SFT model, one `train`, and one variant, the graph's stage `train-<name>`, on a depth
-selection (a hand-made `depth/selections/random/`) with DPO overrides; judged by the benchmark's oracle.
+The run: the session's tests/tiny.yaml run (the benchmark, sft, a depth selection per rule, `train` on bpo's)
+copied without its evaluation, and one variant, the graph's stage `train-<name>`, on the depth selection
+`random` with DPO overrides; judged by the benchmark's oracle, two samples per held-out prompt.
 """
 
 import hashlib
@@ -14,14 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import benchmark_with_tiny_llama
 
 from raybpo import graph
-from raybpo.config import Config, ConfigError, TinyModelConfig, load_config
+from raybpo.config import Config, ConfigError, load_config
 from raybpo.data import benchmark
 from raybpo.data.schema import make_pair_id, prompt_key
 from raybpo.data.splits import split_of
@@ -32,7 +30,6 @@ from raybpo.rundir import RunDir, StageCounts, StageMissingError, run_stage
 from raybpo.scoring.scorers import oracle_batch
 from raybpo.stages import evaluate
 from raybpo.stages.evaluate import Judge, held_out_prompts, judge_setup, run_evaluate
-from raybpo.train.dpo import run_train
 
 # -- the win rate ---------------------------------------------------------------------------------------------
 
@@ -178,33 +175,30 @@ def test_held_out_prompts_without_the_benchmark_are_the_eval_split_minus_trainin
 
 # -- a tiny run -----------------------------------------------------------------------------------------------
 
-SMALL = {"batch_size": 16, "micro_batch_size": 16, "checkpoint_every": 1000, "log_every": 1000, "lr": 1e-2}
-SMALL |= {"precompute_ref_logps": False}
-SELECTED_PROMPTS = 10  # the tiny reference runs inside the step: no model in the prepare pass
+TINY = str(Path(__file__).with_name("tiny.yaml"))
+SAMPLES = 2  # per held-out prompt and policy
 
 
 @pytest.fixture(scope="module")
-def trained_run(ray_session, tmp_path_factory):
-    """The benchmark ingested, a tiny policy (the SFT stand-in), `train`, and a depth selection `random`."""
-    tiny = TinyModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
-    cfg, cfg.policy.model = benchmark_with_tiny_llama(
-        tmp_path_factory.mktemp("evaluate"), tiny, pairs_per_source=60, train_prompts=30, eval_prompts=6
+def trained_run(tiny_run, tmp_path_factory):
+    """The session's tiny run copied without its evaluation (nor checkpoints and report), to evaluate again."""
+    run = tiny_run.copy(tmp_path_factory.mktemp("evaluate") / "run", "evaluate", "report", "checkpoints")
+    cfg = load_config(TINY, [f"run_dir={run}"])
+    cfg.evaluate = cfg.evaluate.model_copy(
+        update={"samples_per_prompt": SAMPLES, "max_new_tokens": 12, "batch_size": 8}
     )
-    cfg.train = cfg.train.model_copy(update=SMALL)
-    run_train(cfg)
-
-    def depth(stage_path: str) -> StageCounts:  # stands in for the depth stage: the pairs of 10 prompts
-        table = pq.read_table(Path(cfg.run_dir) / "ingest" / "pairs")
-        keys = [prompt_key(p) for p in table["prompt"].to_pylist()]
-        table = table.append_column("prompt_key", pa.array(keys))
-        table = table.filter(pc.is_in(table["prompt_key"], pa.array(sorted(set(keys))[:SELECTED_PROMPTS])))
-        table = table.append_column("allocation", pa.array([1] * table.num_rows))
-        pads.write_dataset(table, f"{stage_path}/selections/random", format="parquet")
-        return StageCounts(rows_in=len(keys), rows_out=table.num_rows, extra={"selection": "random"})
-
-    run_stage(RunDir(cfg.run_dir), "depth", cfg, ("depth",), {}, depth)
-    cfg.evaluate = cfg.evaluate.model_copy(update={"samples_per_prompt": 2, "max_new_tokens": 12, "batch_size": 8})
     return cfg
+
+
+def _eval_prompts(cfg: Config) -> int:
+    return len((Path(cfg.run_dir) / "ingest/benchmark/eval_prompts.jsonl").read_text().splitlines())
+
+
+def _budget(cfg: Config, selection: str) -> tuple[int, int]:
+    """(pairs, distinct prompts) of a depth selection's training split, by the split rule itself."""
+    table = pads.dataset(Path(cfg.run_dir) / "depth/selections" / selection).to_table(columns=["pair_id", "prompt"])
+    rows = [r for r in table.to_pylist() if split_of(r["pair_id"], cfg.train.eval_fraction) == "train"]
+    return len(rows), len({prompt_key(r["prompt"]) for r in rows})
 
 
 def test_evaluate_needs_a_trained_policy(tmp_path):
@@ -227,25 +221,27 @@ def test_oracle_evaluation_of_the_policy_and_a_variant(trained_run):
     run = Path(cfg.run_dir)
     manifest, evaluation = result.manifest, json.loads((run / "evaluate/evaluation.json").read_text())
     policies = {p["name"]: p for p in evaluation["policies"]}
-    assert list(policies) == ["train", "train-random-dpo"] and evaluation["eval_prompts"] == 6
+    prompts = _eval_prompts(cfg)
+    assert list(policies) == ["train", "train-random-dpo"] and evaluation["eval_prompts"] == prompts
 
     # counts reconcile: every (policy, prompt, sample) is a comparison, scored or quarantined
-    assert manifest["rows_in"] == 2 * 6 * 2 == manifest["rows_out"] + manifest["rows_quarantined"]
+    assert manifest["rows_in"] == 2 * prompts * SAMPLES == manifest["rows_out"] + manifest["rows_quarantined"]
     assert manifest["rows_quarantined"] == 0 and manifest["quarantine_reasons"] == {}
     for p in policies.values():
-        assert p["wins"] + p["ties"] + p["losses"] == p["comparisons"] == 12 and p["quarantined"] == 0
-        assert p["win_rate"] == pytest.approx((p["wins"] + p["ties"] / 2) / 12)
+        assert p["wins"] + p["ties"] + p["losses"] == p["comparisons"] == prompts * SAMPLES and p["quarantined"] == 0
+        assert p["win_rate"] == pytest.approx((p["wins"] + p["ties"] / 2) / (prompts * SAMPLES))
         assert 0.0 <= p["ci_low"] <= p["win_rate"] <= p["ci_high"] <= 1.0
     assert manifest["win_rate"] == manifest["final_metrics"]["win_rate"] == policies["train"]["win_rate"]
 
-    # the data budget: the training split of every ingested pair, and of the pairs of 10 selected prompts
+    # the data budget: the training split of each policy's depth selection, its pairs and distinct prompts
     train = json.loads((run / "train/manifest.json").read_text())
     variant = json.loads((run / "train-random-dpo/manifest.json").read_text())
-    assert policies["train"]["pairs"] == train["pairs"]["train"] and policies["train"]["prompts"] == 30
-    assert policies["train-random-dpo"]["pairs"] == variant["pairs"]["train"] < train["pairs"]["train"]
-    assert policies["train-random-dpo"]["prompts"] == SELECTED_PROMPTS
+    assert (policies["train"]["pairs"], policies["train"]["prompts"]) == _budget(cfg, "bpo")
+    assert (policies["train-random-dpo"]["pairs"], policies["train-random-dpo"]["prompts"]) == _budget(cfg, "random")
+    assert policies["train"]["pairs"] == train["pairs"]["train"]
+    assert policies["train-random-dpo"]["pairs"] == variant["pairs"]["train"]
     assert variant["config"]["train"]["alpha"] == 0 and variant["config"]["train"]["rho"] == 1
-    assert (policies["train"]["selection"], policies["train-random-dpo"]["selection"]) == ("ingested", "random")
+    assert (policies["train"]["selection"], policies["train-random-dpo"]["selection"]) == ("bpo", "random")
     assert policies["train"]["loss_label"].startswith("beta-DPO") and policies["train-random-dpo"]["loss_label"] == (
         "DPO (beta0=0.1)"
     )
@@ -283,9 +279,10 @@ def test_evaluate_judges_the_variants_it_finds_and_trains_none(trained_run):
 
 
 def _flaky_oracle(batch: pa.Table) -> pa.Table:
-    """The oracle, failing for good on about a third of the responses (by a hash of the text)."""
+    """The oracle, failing for good on about a third of the responses (by a hash of who answered what, when)."""
     scored = oracle_batch(batch)
-    bad = [hashlib.sha256(r.encode()).digest()[0] % 3 == 0 for r in scored["response"].to_pylist()]
+    keys = zip(*(batch[c].to_pylist() for c in ("origin", "prompt_key", "candidate")), strict=True)
+    bad = [hashlib.sha256(repr(k).encode()).digest()[0] % 3 == 0 for k in keys]
     scores = [None if b else s for b, s in zip(bad, scored["score"].to_pylist(), strict=True)]
     reasons = ["http_503" if b else "" for b in bad]
     scored = scored.set_column(scored.schema.get_field_index("score"), "score", pa.array(scores, pa.float64()))
@@ -301,17 +298,19 @@ def test_failed_judgements_are_quarantined_by_the_stage_and_counted(trained_run,
     comparisons = pq.read_table(run / "comparisons.parquet").to_pylist()
     lost = [c for c in comparisons if c["reason"]]
     assert failed and lost and manifest["judgements_failed"] == len(failed)
-    assert manifest["rows_in"] == len(comparisons) == 6 * 2 == manifest["rows_out"] + manifest["rows_quarantined"]
+    scheduled = _eval_prompts(cfg) * SAMPLES
+    assert manifest["rows_in"] == len(comparisons) == scheduled == manifest["rows_out"] + manifest["rows_quarantined"]
     assert manifest["rows_quarantined"] == len(lost) and manifest["quarantine_reasons"] == {"http_503": len(lost)}
     failed_keys = {(f["origin"], f["prompt_key"], f["candidate"]) for f in failed}
     for c in lost:
         assert {("train", c["prompt_key"], c["sample"]), ("sft", c["prompt_key"], c["sample"])} & failed_keys
     policy = json.loads((run / "evaluation.json").read_text())["policies"][0]
-    assert policy["quarantined"] == len(lost) and policy["wins"] + policy["ties"] + policy["losses"] == 12 - len(lost)
+    assert policy["quarantined"] == len(lost)
+    assert policy["wins"] + policy["ties"] + policy["losses"] == scheduled - len(lost)
 
 
 def test_reward_model_judge_scores_every_response_alone(trained_run, tmp_path):
-    model, tokenizer = load_reward_model(trained_run.policy.model)
+    model, tokenizer = load_reward_model(str(Path(trained_run.run_dir) / "sft" / "model"))
     reward_head(model).weight.data.normal_(0, 1.0)
     model.save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
