@@ -2,6 +2,8 @@
 scoring (oracle, reward model) and the pair rules."""
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -152,3 +154,10 @@ def test_judge_scores_and_quarantines_unparseable_judgements(generated, judge_se
     assert sorted(q["response"] for q in quarantined) == sorted(r["response"] for r in listed)
     scored = pads.dataset(f"{cfg.run_dir}/score/scored").to_table()
     assert set(scored["score"].to_pylist()) == {7.0} and manifest["pairs"] == 0  # all ties: no preference
+
+
+def test_the_oracle_and_judge_scorers_import_no_model_library():
+    """A Ray worker unpickling `oracle_batch` or `JudgeScorer` imports their module only: no torch, no transformers."""
+    code = "import sys, raybpo.scoring.scorers; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
