@@ -157,7 +157,7 @@ def test_judge_scores_and_quarantines_unparseable_judgements(generated, judge_se
 
 
 def test_the_oracle_and_judge_scorers_import_no_model_library():
-    """A Ray worker unpickling `oracle_batch` or `JudgeScorer` imports their module only: no torch, no transformers."""
+    """A Ray worker unpickling `JudgeScorer` imports its module only: no torch, no transformers."""
     code = "import sys, raybpo.scoring.scorers; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -27,9 +27,10 @@ from raybpo.metrics.winrates import BASELINE, compare, outcome, summarize, win_r
 from raybpo.models.reward import load_reward_model, reward_head
 from raybpo.report import write_report
 from raybpo.rundir import RunDir, StageCounts, StageMissingError, run_stage
+from raybpo.scoring.pick import Scorer
 from raybpo.scoring.scorers import oracle_batch
 from raybpo.stages import evaluate
-from raybpo.stages.evaluate import Judge, held_out_prompts, judge_setup, run_evaluate
+from raybpo.stages.evaluate import held_out_prompts, judge_setup, run_evaluate
 
 # -- the win rate ---------------------------------------------------------------------------------------------
 
@@ -291,7 +292,7 @@ def _flaky_oracle(batch: pa.Table) -> pa.Table:
 
 def test_failed_judgements_are_quarantined_by_the_stage_and_counted(trained_run, monkeypatch):
     cfg = trained_run.model_copy(deep=True)
-    monkeypatch.setattr(evaluate, "judge_setup", lambda *_: Judge(_flaky_oracle, None, "flaky", "flaky oracle"))
+    monkeypatch.setattr(evaluate, "judge_setup", lambda *_: Scorer(_flaky_oracle, None, "flaky", "flaky oracle"))
     manifest = run_evaluate(cfg).manifest
     run = Path(cfg.run_dir) / "evaluate"
     failed = pq.read_table(run / "quarantine/judgements.parquet").to_pylist()
@@ -320,7 +321,7 @@ def test_reward_model_judge_scores_every_response_alone(trained_run, tmp_path):
     assert judge.identity.startswith("external:") and judge.label == f"reward model {tmp_path / 'rm'}"
     p = "Describe the cat."
     texts = [(o, p, i, f"The cat is {w}.", None, "") for o in (BASELINE, "train") for i, w in enumerate(["a", "a b"])]
-    scored = judge.scorer(**judge.args)(_responses(texts).drop_columns(["score", "reason"]))
+    scored = judge.fn(**judge.args)(_responses(texts).drop_columns(["score", "reason"]))
     scores = scored["score"].to_pylist()
     assert set(scored["reason"].to_pylist()) == {""} and len(set(scores)) == 2 and scores[:2] == scores[2:]
     table = compare(scored, ["train"], [p], samples=2)
@@ -344,7 +345,7 @@ def test_llm_judge_failures_are_quarantined_comparisons_with_their_reason(traine
         judge = judge_setup(cfg, RunDir(cfg.run_dir))
         prompts = [f"Describe the {t}." for t in ("cat", "dog", "sun", "moon")]
         rows = [(o, p, i, f"{o} {p} {i}", None, "") for o in (BASELINE, "train") for p in prompts for i in range(3)]
-        scored = judge.scorer(**judge.args)(_responses(rows).drop_columns(["score", "reason"]))
+        scored = judge.fn(**judge.args)(_responses(rows).drop_columns(["score", "reason"]))
     assert judge.identity.startswith("judge:") and judge.label.startswith("LLM judge")
     failed = {(r["origin"], r["prompt"], r["candidate"]) for r in scored.to_pylist() if r["reason"]}
     assert failed and all(r["reason"] == "unparseable_score: 'about seven'" for r in scored.to_pylist() if r["reason"])

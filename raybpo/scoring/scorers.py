@@ -10,7 +10,8 @@ null score and its reason):
   environment variable named in the config);
 - `oracle` (`oracle_batch`, a function): the built-in benchmark's ground-truth utility (its source average).
 
-This module imports no model library: a Ray worker that runs `oracle_batch` or `JudgeScorer` loads no torch.
+`raybpo.scoring.pick` picks one for a stage and runs it over a dataset (the oracle in the driver, the others as
+one actor). This module imports no model library: a Ray worker that runs `JudgeScorer` loads no torch.
 """
 
 from __future__ import annotations

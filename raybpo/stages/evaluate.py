@@ -22,7 +22,6 @@ prompts:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -57,7 +56,6 @@ from raybpo.artifacts import (
 )
 from raybpo.cluster import init_ray
 from raybpo.config import Config, ConfigError, GenerateConfig, variant_stage
-from raybpo.data import benchmark
 from raybpo.data.schema import prompt_key
 from raybpo.data.splits import split_of
 from raybpo.metrics.winrates import BASELINE, compare, plot_winrates, summarize, winrate_markdown
@@ -74,8 +72,7 @@ from raybpo.rundir import (
     run_stage,
     stage_identity,
 )
-from raybpo.scoring.reward_model import RewardModelScorer
-from raybpo.scoring.scorers import SCORED, JudgeScorer, oracle_batch
+from raybpo.scoring.pick import Scorer, make_scorer, score_all
 
 STAGE = EVALUATE
 MAIN = TRAIN
@@ -177,50 +174,14 @@ def sampling_config(cfg: Config) -> GenerateConfig:
     )
 
 
-@dataclass(frozen=True)
-class Judge:
-    """A score stage scorer (an actor class, or the oracle's function when `args` is None), its identity and label."""
-
-    scorer: Any
-    args: dict[str, Any] | None
-    identity: str
-    label: str
-
-
-def judge_setup(cfg: Config, run_dir: RunDir) -> Judge:
+def judge_setup(cfg: Config, run_dir: RunDir) -> Scorer:
     """The judge `evaluate.judge` names, with what identifies it in the manifest (never an API key)."""
+    model, identity = None, ""
     if cfg.evaluate.judge == "reward_model":
         source = judge_model(cfg, run_dir)
         model, identity = source.local(), source.identity
-        args = {"model": model, "max_length": cfg.reward.max_length}
-        return Judge(RewardModelScorer, args, f"{identity}#max_length={cfg.reward.max_length}", f"reward model {model}")
-    if cfg.evaluate.judge == "judge":
-        judge = cfg.evaluate.llm_judge or cfg.score.judge
-        settings = judge.model_dump(mode="json")
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-        return Judge(JudgeScorer, {"judge": settings}, f"judge:{digest}", f"LLM judge {judge.model} at {judge.url}")
-    identity = f"oracle:benchmark-{benchmark.GENERATOR_VERSION}"
-    return Judge(oracle_batch, None, identity, "oracle: the benchmark's ground truth")
-
-
-def judged(dataset: ray.data.Dataset, judge: Judge) -> pa.Table:
-    """Every response scored alone (SCORED rows); a failed judgement keeps a null score and its reason.
-
-    A reward model or LLM judge runs as one actor fed by the generation pipeline; the oracle, a pure
-    function of the text, scores the collected responses in the driver (no worker to start for it).
-    """
-    if judge.args is not None:
-        dataset = dataset.map_batches(
-            judge.scorer,
-            fn_constructor_kwargs=judge.args,
-            batch_format="pyarrow",
-            batch_size=256,
-            compute=ray.data.ActorPoolStrategy(size=1),
-        )
-    tables = ray.get(dataset.materialize().to_arrow_refs())
-    if judge.args is None:
-        tables = [judge.scorer(t) for t in tables if t.num_rows]
-    return pa.concat_tables([t.cast(SCORED) for t in tables]) if tables else SCORED.empty_table()
+    judge = cfg.evaluate.llm_judge or cfg.score.judge
+    return make_scorer(cfg.evaluate.judge, judge, model, identity, cfg.reward.max_length)
 
 
 def sample_all(cfg: Config, models: list[tuple[str, str]], prompts: list[str]) -> ray.data.Dataset:
@@ -282,7 +243,7 @@ def run_evaluate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
 
     def body(stage_path: str) -> StageCounts:
         models = [(BASELINE, baseline), *((p.stage, p.model) for p in policies)]
-        responses = judged(sample_all(cfg, models, prompts), judge)
+        responses = score_all(sample_all(cfg, models, prompts), judge)
         comparisons = compare(responses, [p.stage for p in policies], prompts, cfg.evaluate.samples_per_prompt)
         rows = [policy_result(run_dir, p, comparisons, cfg.evaluate.confidence) for p in policies]
         evaluation = {

@@ -49,8 +49,7 @@ from raybpo.rundir import (
     run_stage,
     stage_identity,
 )
-from raybpo.scoring.reward_model import RewardModelScorer
-from raybpo.scoring.scorers import SCORED, JudgeScorer, oracle_batch
+from raybpo.scoring.pick import make_scorer, score_all
 
 STAGE = SCORE
 
@@ -116,32 +115,16 @@ def run_score(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     inputs = {"generate": stage_identity(generate)}
     model = None
     if cfg.score.scorer == "reward_model":
-        scorer = scorer_model(cfg, run_dir)
-        model = scorer.local()
-        inputs["reward_model"] = scorer.identity
+        source = scorer_model(cfg, run_dir)
+        model = source.local()
+        inputs["reward_model"] = source.identity
 
     def body(stage_path: str) -> StageCounts:
         candidates = ray.data.read_parquet(run_dir.path(*CANDIDATES), filesystem=run_dir.fs)
-        if cfg.score.scorer == "reward_model":
-            scored = candidates.map_batches(
-                RewardModelScorer,
-                fn_constructor_kwargs={"model": model, "max_length": cfg.reward.max_length},
-                batch_format="pyarrow",
-                batch_size=256,
-                compute=ray.data.ActorPoolStrategy(size=1),
-            )
-        elif cfg.score.scorer == "judge":
-            scored = candidates.map_batches(
-                JudgeScorer,
-                fn_constructor_kwargs={"judge": cfg.score.judge.model_dump()},
-                batch_format="pyarrow",
-                batch_size=256,
-                compute=ray.data.ActorPoolStrategy(size=1),
-            )
-        else:
-            scored = candidates.map_batches(oracle_batch, batch_format="pyarrow")
-        refs = scored.materialize().to_arrow_refs()
-        table = pa.concat_tables([t.cast(SCORED) for t in ray.get(refs)]) if refs else SCORED.empty_table()
+        scorer = make_scorer(
+            cfg.score.scorer, cfg.score.judge, model, inputs.get("reward_model", ""), cfg.reward.max_length
+        )
+        table = score_all(candidates, scorer)
         bad = pc.not_equal(table["reason"], "")
         good, quarantined = table.filter(pc.invert(bad)), table.filter(bad)
         if quarantined.num_rows:
