@@ -113,17 +113,15 @@ def run_score(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     run_dir = RunDir(cfg.run_dir)
     generate = require_stage(run_dir, GENERATE)
     inputs = {"generate": stage_identity(generate)}
-    model = None
+    model, identity = None, ""
     if cfg.score.scorer == "reward_model":
-        source = scorer_model(cfg, run_dir)
-        model = source.local()
-        inputs["reward_model"] = source.identity
+        reward = scorer_model(cfg, run_dir)
+        model, identity = reward.local(), reward.identity
+        inputs["reward_model"] = identity
+    scorer = make_scorer(cfg.score.scorer, cfg.score.judge, model, identity, cfg.reward.max_length)
 
     def body(stage_path: str) -> StageCounts:
         candidates = ray.data.read_parquet(run_dir.path(*CANDIDATES), filesystem=run_dir.fs)
-        scorer = make_scorer(
-            cfg.score.scorer, cfg.score.judge, model, inputs.get("reward_model", ""), cfg.reward.max_length
-        )
         table = score_all(candidates, scorer)
         bad = pc.not_equal(table["reason"], "")
         good, quarantined = table.filter(pc.invert(bad)), table.filter(bad)
@@ -141,9 +139,7 @@ def run_score(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
             quarantine_reasons=dict(reasons),
             extra={
                 "scorer": cfg.score.scorer,
-                "labelled": "oracle: the benchmark's ground truth"
-                if cfg.score.scorer == "oracle"
-                else cfg.score.scorer,
+                "labelled": scorer.label if cfg.score.scorer == "oracle" else cfg.score.scorer,
                 "pairs": pairs.num_rows,
                 "pair_rule": cfg.score.pairs,
                 "prompts": len(set(good["prompt_key"].to_pylist())),
