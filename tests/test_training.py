@@ -20,6 +20,7 @@ from raybpo.models.lora import ADAPTER_WEIGHTS
 from raybpo.models.tiny import build_tiny_model
 from raybpo.rundir import RunDir
 from raybpo.stages.ingest import ingest
+from raybpo.train.checkpoint import STATE_FILE
 from raybpo.train.dpo import DpoRecipe, make_dpo_recipe
 from raybpo.train.loop import NonFiniteLossError, count_bad_steps, fit, step_plan
 from raybpo.train.prepare import prepare
@@ -125,36 +126,39 @@ def test_failed_worker_is_restarted_and_resumes_from_its_checkpoint(prepared, tw
 
 
 class NanLoss(DpoRecipe):
-    """Non-finite losses on optimizer steps 2 and 3 (or always)."""
-
-    always: bool
+    """Non-finite losses on optimizer steps 2 and 3, then on every step from step 10 on."""
 
     def loss(self, model, rows, workers, training):
         loss, metrics = super().loss(model, rows, workers, training)
         self.calls = getattr(self, "calls", 0) + 1
-        if self.always or self.calls in (3, 4, 5, 6):  # micro-batches of steps 2 and 3 (2 per step)
+        if self.calls in (3, 4, 5, 6) or self.calls >= 19:  # micro-batches of steps 2, 3 and 10 on (2 per step)
             loss = loss * float("nan")
         return loss, metrics
 
 
-def _nan_recipe(always: bool, *args) -> NanLoss:
+def _nan_recipe(*args) -> NanLoss:
     recipe = make_dpo_recipe(*args)
     recipe.__class__ = NanLoss
-    recipe.always = always
     return recipe
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(prepared):
+    """Steps 2 and 3 are skipped and the run goes on (the guard's count starts again at a finite step); three in
+    a row (10, 11, 12) stop it. The step-8 checkpoint's history shows the skipped steps."""
     cfg, _ = prepared
     settings = {**SETTINGS, "num_workers": 1, "micro_batch_size": 8, "max_bad_steps": 3, "max_failures": 0}
     train = cfg.train.model_copy(update={"lr": 1e-2, **settings}).model_dump(mode="json")
     args = (cfg.run_dir, "train", cfg.policy.model, cfg.policy.model_dump(mode="json"), train, cfg.seed)
-    result, _ = _fit(cfg, "nan-some", functools.partial(_nan_recipe, False, *args), log_every=1, **settings)
-    history = {h["step"]: h for h in result.return_value["history"]}
+    with pytest.raises(Exception, match=r"3 optimizer steps in a row had a non-finite loss.*the last at step 12"):
+        _fit(cfg, "nan-steps", functools.partial(_nan_recipe, *args), log_every=1, **settings)
+    states = [json.loads(p.read_text()) for p in (Path(cfg.run_dir) / "checkpoints/nan-steps").glob("*/" + STATE_FILE)]
+    state = max(states, key=lambda s: s["step"])
+    assert state["step"] == 8 and state["bad_steps"] == 0
+    history = {h["step"]: h for h in state["history"]}
     assert [s for s, h in history.items() if h["grad_norm"] != h["grad_norm"]] == [2, 3]
-    assert len(history) == 15 and all(h["grad_norm"] == h["grad_norm"] for s, h in history.items() if s > 3)
-    with pytest.raises(Exception, match="3 optimizer steps in a row had a non-finite loss"):
-        _fit(cfg, "nan-always", functools.partial(_nan_recipe, True, *args), **settings)
+    assert sorted(history) == list(range(1, 9)) and all(
+        h["grad_norm"] == h["grad_norm"] for s, h in history.items() if s > 3
+    )
 
 
 def test_bad_step_counter():

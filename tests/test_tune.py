@@ -2,8 +2,8 @@
 
 The run: tests/tiny.yaml's benchmark (3 x 40 pairs over 24 prompts, 4 held-out prompts) and its SFT model as
 `policy.model` (both from the session's tiny run; no sft stage), stages ingest, train, evaluate. The sweep shares
-the main run's ingest (copied into each trial as hard links) and runs train + evaluate per trial, with ASHA on
-eval_loss.
+the main run's ingest (copied into each trial as hard links) and runs train + evaluate per trial, two trials at
+once, with ASHA on eval_loss.
 """
 
 import csv
@@ -107,7 +107,10 @@ def sweep(tiny_run, tmp_path_factory):
     cfg.policy.model = str(tiny_run.path / "sft" / "model")
     cfg.train = cfg.train.model_copy(update=TRAIN)
     cfg.evaluate = cfg.evaluate.model_copy(update={"samples_per_prompt": 1, "max_new_tokens": 8, "batch_size": 8})
-    cfg.tune = cfg.tune.model_validate({"search_space": {"train.beta0": [0.05, 0.2]}, "grace_period": 5})
+    # Both trials at once: each trains on one of the session's 2 CPUs, and ASHA still compares them at step 5.
+    cfg.tune = cfg.tune.model_validate(
+        {"search_space": {"train.beta0": [0.05, 0.2]}, "grace_period": 5, "max_concurrent_trials": 2}
+    )
     shutil.copytree(tiny_run.path / "ingest", root / "run" / "ingest")
     before = set(placement_group_table())
     summary = run_tune(cfg)
