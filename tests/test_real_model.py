@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.dataset as pads
 import pytest
 import torch
@@ -140,7 +141,12 @@ def test_every_model_running_stage_works_on_smollm2(real_run):
     ingest = _manifest(run, "ingest")
     assert ingest["rows_out"] + ingest["rows_quarantined"] == ROWS and ingest["rows_out"] >= ROWS - 5
     reward = _manifest(run, "reward")
-    assert set(reward["evaluation"]["models"]) == {"model", "judge"}
+    assert reward["mode"] == "more" and set(reward["evaluation"]["models"]) == {"model", "judge"}
+    assert reward["evaluation"]["eval_pairs"]["hh"] >= 15  # half of the rows held out, judged by both halves
+    for half in reward["evaluation"]["models"].values():
+        metrics = half["per_source"]["hh"]
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["ece"] <= 1.0
+        assert np.isfinite(metrics["reward_std"]) and metrics["reward_std"] > 0  # the rewards differ by pair
     assert (run / "reward/model/model.safetensors").exists() and (run / "reward/judge/model.safetensors").exists()
     candidates = pads.dataset(run / "generate/candidates").to_table().to_pydict()
     assert "policy" in candidates["origin"] and all(isinstance(r, str) for r in candidates["response"])

@@ -1,8 +1,7 @@
 """Reward models with MORE: exact multi-worker lambda, resume after a crash, save and reload, the
-benchmark's sources, and a small run on the real HH rows."""
+benchmark's sources. The reward stage on real HH rows runs in tests/test_real_model.py (tests/real.yaml)."""
 
 import functools
-import gzip
 import json
 from pathlib import Path
 
@@ -13,11 +12,10 @@ from conftest import benchmark_with_tiny_llama, crash_once
 from safetensors.torch import load_file
 
 from raybpo.artifacts import read_pairs
-from raybpo.config import Config, RewardConfig, SourceSpec, TinyModelConfig
+from raybpo.config import Config, RewardConfig, TinyModelConfig
 from raybpo.metrics.reward import score_pairs
 from raybpo.models.reward import load_reward_model, pooled_and_rewards, reward_head
 from raybpo.rundir import RunDir
-from raybpo.stages.ingest import ingest
 from raybpo.train.loop import fit
 from raybpo.train.reward import RewardRecipe, make_reward_recipe, resample, run_reward
 
@@ -149,30 +147,6 @@ def test_resample_truncates_or_upsamples_each_source():
     up = resample(list(range(4)), 10, rng)
     assert len(up) == 10 and sorted(up[:4]) == [0, 1, 2, 3] and sorted(up[4:8]) == [0, 1, 2, 3]
     assert len(set(resample(list(range(100)), 30, rng))) == 30
-
-
-def test_small_real_data_run_on_hh_rows(ray_session, tmp_path, hh_lines):
-    """The first 240 real HH rows, half of them held out (about 110 pairs): two steps of 16 pairs, then scored."""
-    rows = tmp_path / "hh.jsonl.gz"
-    with gzip.open(rows, "wt", encoding="utf-8") as handle:
-        handle.write("\n".join(hh_lines[:240]) + "\n")
-    cfg = Config(run_dir=str(tmp_path / "hh"))
-    cfg.ingest.sources = [SourceSpec(path=str(rows), name="harmless")]
-    ingest(cfg)
-    cfg.reward = RewardConfig(
-        mode="more",
-        lr=2e-5,
-        batch_size=16,
-        samples_per_source=32,
-        eval_fraction=0.5,
-        checkpoint_every=2,
-        max_length=64,
-    )
-    manifest = run_reward(cfg).manifest  # the bundled all-MiniLM-L6-v2 encoder as backbone
-    metrics = manifest["evaluation"]["models"]["model"]["per_source"]["harmless"]
-    assert manifest["evaluation"]["eval_pairs"]["harmless"] > 80
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["ece"] <= 1.0 and np.isfinite(metrics["reward_std"])
-    assert (Path(cfg.run_dir) / "reward" / "model" / "model.safetensors").exists()
 
 
 def test_judge_halves_split_the_training_pairs(benchmark_run):
