@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import pyarrow as pa
 import ray
@@ -13,12 +14,18 @@ from raybpo.config import RayConfig
 log = logging.getLogger(__name__)
 
 BLOCKS_PER_ACTOR = 4
+_STARTING = threading.Lock()
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Join `ray.address`, the job's cluster (RAY_ADDRESS, set by `ray job submit`), or start a local Ray."""
-    if ray.is_initialized():
-        return
+    """Join `ray.address`, the job's cluster (RAY_ADDRESS, set by `ray job submit`), or start a local Ray; once,
+    whichever of the stages that start at once (raybpo/pipeline.py) calls first."""
+    with _STARTING:
+        if not ray.is_initialized():
+            _start_or_join(cfg)
+
+
+def _start_or_join(cfg: RayConfig) -> None:
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.address)
     else:

@@ -5,7 +5,8 @@
 
 `STAGES` lists every stage once, in the order they run: its name, its function (`run(cfg, ctx) -> StageResult`,
 the `StageContext` carrying the Ray Train callbacks of its TorchTrainer runs), the config sections it hashes into
-its manifest (with `seed`: what redoes it), the stages whose outputs it reads, and its one line of help. Everything
+its manifest (with `seed`: what redoes it), the stages whose outputs it reads (`waits_for`: a stage starts once
+those are done, so independent stages run at once), and its one line of help. Everything
 else derives from it: the pipeline's plan, skip/resume, `--from` / `--until` and summary (raybpo/pipeline.py), the
 report's stage table (raybpo/report.py), Tune's "which stages does this key redo" (`Step.reads_key`), the CLI's
 stage commands, and the config's stage names (`config.STAGE_ORDER`, checked against `STAGES` below).
@@ -19,8 +20,8 @@ skipped, resumed and forgotten (`--from train`) like any stage. The evaluate sta
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from raybpo.artifacts import BREADTH, DEPTH, EVALUATE, GENERATE, INGEST, REWARD, SCORE, SFT, TRAIN
 from raybpo.config import (
@@ -58,6 +59,12 @@ class Stage:
     reads: tuple[str, ...]
     #: one line for `raybpo --help` and the stage's own command
     help: str
+    #: those of `reads` that it reads only when the config says so (stage -> the condition)
+    reads_only_if: Mapping[str, Callable[[Config], bool]] = field(default_factory=dict)
+
+    def reads_for(self, cfg: Config) -> tuple[str, ...]:
+        """The stages a run of `cfg` reads the outputs of (its `reads`, less the conditional ones not needed)."""
+        return tuple(name for name in self.reads if self.reads_only_if.get(name, lambda _: True)(cfg))
 
 
 STAGES: tuple[Stage, ...] = (
@@ -81,6 +88,7 @@ STAGES: tuple[Stage, ...] = (
         ("reward",),
         (INGEST, SFT),
         "reward models over several sources: MORE, multitask, single, average (Ray Train)",
+        {SFT: lambda cfg: cfg.reward.model == "sft"},  # the SFT policy as the backbone
     ),
     Stage(
         BREADTH,
@@ -202,6 +210,15 @@ def plan(cfg: Config, from_stage: str | None = None, until_stage: str | None = N
         raise ConfigError(f"--from {from_stage!r}: the config's stages ({', '.join(cfg.stages)}) do not include it")
     last = index_of(every, until_stage, "--until") if until_stage is not None else len(every) - 1
     return [step for step in every[: last + 1] if planned(cfg, step)]
+
+
+def waits_for(steps: Sequence[Step]) -> dict[str, tuple[str, ...]]:
+    """For every step of a plan, the steps of the plan it must wait for: those of the stages it reads (with the
+    variants `train-<name>` counting as train). The others may run at the same time (raybpo/pipeline.py)."""
+    return {
+        step.name: tuple(other.name for other in steps if other.stage.name in step.stage.reads_for(step.cfg))
+        for step in steps
+    }
 
 
 def step(cfg: Config, name: str) -> Step:

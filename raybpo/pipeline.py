@@ -3,7 +3,9 @@
     ingest -> sft -> reward -> breadth -> generate -> score -> depth -> train -> train-<variant>... -> evaluate
     (then the report)
 
-`sft` runs before `reward` so a reward model can use the SFT policy as its backbone (`reward.model: sft`).
+A stage starts once the stages it reads are done (`graph.waits_for`), so independent ones run at once, up to
+`ray.parallel_stages` (4; 1 runs them one at a time in this order): sft, reward and breadth after ingest (reward
+waits for sft when the SFT policy is its backbone, `reward.model: sft`), train beside its variants.
 The config's `stages` names the stages a run has (all by default; a plain beta-DPO run drops breadth to depth,
 and train then reads the ingested pairs); `evaluate.variants` adds a stage `train-<name>` per variant after train
 (`graph.plan`). Every stage skips itself when its manifest matches its config and inputs, so a rerun after a
@@ -16,6 +18,8 @@ reaches `evaluate`.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,11 +48,8 @@ class StageRun:
 class PipelineResult:
     run_dir: str
     stages: list[StageRun] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the run (stages that ran at once overlap)
     report: str | None = None
-
-    @property
-    def seconds(self) -> float:
-        return sum(s.seconds for s in self.stages)
 
 
 def forget_from(cfg: Config, from_stage: str) -> list[str]:
@@ -69,7 +70,7 @@ def run_pipeline(
     on_stage: Callable[[int, int, StageRun], None] | None = None,
     callbacks: Mapping[str, Sequence[Any]] | None = None,
 ) -> PipelineResult:
-    """Run the planned stages in order (see the module docstring); `on_stage` sees each as it ends.
+    """Run the planned stages (see the module docstring); `on_stage` sees each as it ends.
 
     `callbacks` maps a stage name to the Ray Train callbacks of its TorchTrainer runs (its `StageContext`).
     """
@@ -77,18 +78,84 @@ def run_pipeline(
     if from_stage is not None:
         removed = forget_from(cfg, from_stage)
         log.info("--from %s: redoing %s", from_stage, ", ".join(removed) or "nothing finished yet")
-    result = PipelineResult(cfg.run_dir)
-    for index, step in enumerate(steps, start=1):
-        log.info("[%d/%d] %s", index, len(steps), step.name)
+    index = {step.name: i for i, step in enumerate(steps, start=1)}
+
+    def start(step: graph.Step) -> StageRun:
+        log.info("[%d/%d] %s", index[step.name], len(steps), step.name)
         started = time.perf_counter()
         stage = step.run(StageContext(tuple((callbacks or {}).get(step.name, ()))))
-        run = StageRun(step.name, step.stage.name, stage.manifest, stage.skipped, time.perf_counter() - started)
-        result.stages.append(run)
+        return StageRun(step.name, step.stage.name, stage.manifest, stage.skipped, time.perf_counter() - started)
+
+    def done(run: StageRun) -> None:
         if on_stage is not None:
-            on_stage(index, len(steps), run)
-    if graph.JUDGED_BY in (step.name for step in steps):
+            on_stage(index[run.name], len(steps), run)
+
+    started = time.perf_counter()
+    result = PipelineResult(cfg.run_dir, run_steps(steps, cfg.ray.parallel_stages, start, done))
+    if graph.JUDGED_BY in index:
         result.report = write_report(cfg.run_dir)[0]
+    result.seconds = time.perf_counter() - started
     return result
+
+
+def run_steps(
+    steps: list[graph.Step],
+    parallel: int,
+    start: Callable[[graph.Step], StageRun],
+    done: Callable[[StageRun], None],
+) -> list[StageRun]:
+    """Run every step once the steps it waits for (`graph.waits_for`) are done, at most `parallel` at a time, and
+    return their runs in plan order; `done` sees each run as it ends, in this thread.
+
+    A step that is the only one able to run runs in this thread (with `parallel` 1, every step does, in plan
+    order); steps that can run at once run in threads of their own (daemons: Ctrl-C ends the command) and share
+    the cluster through Ray's resources. After a failure no step starts; the running ones finish and keep their
+    manifests, then the first error is raised.
+    """
+    waits = graph.waits_for(steps)
+    runs: dict[str, StageRun] = {}
+    pending, running = list(steps), set()
+    ended: queue.Queue[tuple[str, StageRun | BaseException]] = queue.Queue()
+    error: BaseException | None = None
+    while pending or running:
+        ready = [] if error else [s for s in pending if set(waits[s.name]) <= runs.keys()][: parallel - len(running)]
+        if len(ready) == 1 and not running:
+            pending.remove(ready[0])
+            runs[ready[0].name] = run = start(ready[0])
+            done(run)
+            continue
+        if ready:
+            log.info("running at once: %s", ", ".join(sorted(running | {s.name for s in ready})))
+        for step in ready:
+            pending.remove(step)
+            running.add(step.name)
+            thread = threading.Thread(target=_in_thread, args=(step, start, ended), name=f"stage-{step.name}")
+            thread.daemon = True
+            thread.start()
+        if not running:
+            break  # a failure, and nothing left running
+        name, outcome = ended.get()
+        running.discard(name)
+        if isinstance(outcome, BaseException):
+            error = error or outcome
+            log.error("%s failed%s", name, f"; waiting for {', '.join(sorted(running))} to end" if running else "")
+        else:
+            runs[name] = outcome
+            done(outcome)
+    if error is not None:
+        raise error
+    return [runs[step.name] for step in steps]
+
+
+def _in_thread(
+    step: graph.Step,
+    start: Callable[[graph.Step], StageRun],
+    ended: queue.Queue[tuple[str, StageRun | BaseException]],
+) -> None:
+    try:
+        ended.put((step.name, start(step)))
+    except BaseException as err:  # handed to the scheduling thread, which raises it
+        ended.put((step.name, err))
 
 
 HEADLINES = {

@@ -51,7 +51,7 @@ from raybpo.artifacts import (
 from raybpo.config import VARIANT_PREFIX
 from raybpo.metrics.reward import reward_table
 from raybpo.metrics.winrates import WINRATE_HEADER, winrate_note, winrate_rows
-from raybpo.plots import png_bytes, pyplot
+from raybpo.plots import png_bytes, subplots
 from raybpo.rundir import MANIFEST, RunDir
 from raybpo.tables import markdown_table
 
@@ -199,9 +199,8 @@ def stage_blocks(run_dir: RunDir, stages: list[str], manifests: dict[str, dict |
 
 def plot_training(histories: dict[str, list[dict[str, Any]]]) -> bytes:
     """beta, beta/M0, rewards/margins and filter/kept_fraction per step, one line per train stage (PNG)."""
-    plt = pyplot()
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6))
+    fig, axes = subplots(2, 2, figsize=(10, 6))
     for ax, metric in zip(axes.flat, TRAINING_METRICS, strict=True):
         for stage, history in histories.items():
             points = [(h["step"], h[metric]) for h in history if isinstance(h.get(metric), float | int)]

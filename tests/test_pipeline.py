@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -16,8 +18,8 @@ import ray
 
 from raybpo import graph
 from raybpo.cli import main
-from raybpo.config import STAGE_ORDER, ConfigError, load_config
-from raybpo.pipeline import forget_from, run_pipeline
+from raybpo.config import STAGE_ORDER, ConfigError, load_config, with_overrides
+from raybpo.pipeline import StageRun, forget_from, run_pipeline, run_steps
 from raybpo.rundir import RunDir, StageResult
 
 TINY = str(Path(__file__).with_name("tiny.yaml"))
@@ -147,6 +149,75 @@ def test_variants_are_planned_as_stages_after_train(tmp_path):
     assert planned_stages(no_evaluate) == ["ingest", "sft", "train"]  # variants exist to be evaluated
     with pytest.raises(ConfigError, match="not a stage"):
         planned_stages(cfg, until_stage="train-ipo")
+
+
+def _fake_runs(block: dict[str, Callable[[], None]]) -> tuple[Callable, list[tuple[str, str]]]:
+    """A `run_steps` start function that records (step, thread) and first calls `block[step]`, if any."""
+    started: list[tuple[str, str]] = []
+
+    def start(step):
+        started.append((step.name, threading.current_thread().name))
+        block.get(step.name, lambda: None)()
+        return StageRun(step.name, step.stage.name, {}, False, 0.0)
+
+    return start, started
+
+
+def test_stages_that_read_nothing_of_each_other_run_at_once(tmp_path):
+    """After ingest, sft, reward and breadth start together (each waits at a barrier until all three have started,
+    so run one at a time they would fail); train and its variant together; evaluate after both, in this thread.
+    reward waits for sft when the SFT policy is its backbone; with ray.parallel_stages=1 all run in plan order."""
+    variants = "evaluate.variants={dpo: {overrides: {train.alpha: 0}}}"
+    cfg = load_config(None, [f"run_dir={tmp_path}", variants])
+    steps = graph.plan(cfg)
+    waits = graph.waits_for(steps)
+    assert waits["reward"] == ("ingest",) and waits["generate"] == ("sft", "breadth")
+    assert waits["train-dpo"] == waits["train"] and set(waits["evaluate"]) >= {"train", "train-dpo", "reward"}
+    assert graph.waits_for(graph.plan(with_overrides(cfg, {"reward.model": "sft"}, "test")))["reward"] == (
+        "ingest",
+        "sft",
+    )
+    after_ingest, trains = threading.Barrier(3, timeout=30), threading.Barrier(2, timeout=30)
+    start, started = _fake_runs(
+        {"sft": after_ingest.wait, "reward": after_ingest.wait, "breadth": after_ingest.wait}
+        | {"train": trains.wait, "train-dpo": trains.wait}
+    )
+    ended: list[str] = []
+    runs = run_steps(steps, 4, start, lambda run: ended.append(run.name))
+    assert [run.name for run in runs] == [step.name for step in steps]  # in plan order, however they ended
+    threads = dict(started)
+    assert {threads[name] for name in ("sft", "reward", "breadth", "train", "train-dpo")} != {"MainThread"}
+    assert threads["ingest"] == threads["evaluate"] == "MainThread" and sorted(ended) == sorted(threads)
+    assert ended.index("evaluate") > max(ended.index("train"), ended.index("train-dpo"))
+
+    start, started = _fake_runs({})
+    run_steps(steps, 1, start, lambda run: None)
+    assert started == [(step.name, "MainThread") for step in steps]
+
+
+def test_a_failed_stage_lets_the_running_ones_finish_and_starts_no_other(tmp_path):
+    """reward fails while sft and breadth run: they finish (and keep their manifests, so a rerun skips them), and
+    generate, which reads only those two, is not started; the error is reward's."""
+    cfg = load_config(None, [f"run_dir={tmp_path}", "stages=[ingest,sft,reward,breadth,generate]"])
+    breadth_started, reward_failed = threading.Event(), threading.Event()
+
+    def reward() -> None:
+        assert breadth_started.wait(30)
+        reward_failed.set()
+        raise ValueError("reward broke")
+
+    def after_the_failure() -> None:
+        assert reward_failed.wait(30)
+        time.sleep(0.2)  # the failure reaches the scheduler first
+
+    start, started = _fake_runs(
+        {"reward": reward, "sft": after_the_failure, "breadth": lambda: (breadth_started.set(), after_the_failure())}
+    )
+    ended: list[str] = []
+    with pytest.raises(ValueError, match="reward broke"):
+        run_steps(graph.plan(cfg), 4, start, lambda run: ended.append(run.name))
+    assert sorted(name for name, _ in started) == ["breadth", "ingest", "reward", "sft"]
+    assert sorted(ended) == ["breadth", "ingest", "sft"]
 
 
 def test_run_pipeline_hands_each_stage_the_callbacks_named_for_it(tmp_path, monkeypatch):

@@ -70,6 +70,12 @@ VARIANT_PREFIX = "train-"
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; None starts (or joins) a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None: all of the machine).")
+    parallel_stages: int = Field(
+        4,
+        ge=1,
+        description="Stages run at once where the graph allows (sft, reward and breadth after ingest; train and its "
+        "variants), sharing the cluster through Ray's resources; 1 runs one at a time in graph order.",
+    )
 
 
 class VariantSpec(Section):

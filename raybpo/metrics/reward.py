@@ -21,7 +21,7 @@ from raybpo.config import RewardConfig
 from raybpo.data.splits import split_of
 from raybpo.losses import expected_calibration_error, preference_accuracy
 from raybpo.models.reward import encode_texts, load_reward_model
-from raybpo.plots import png_bytes, pyplot
+from raybpo.plots import png_bytes, subplots
 from raybpo.tables import markdown_table
 
 SCORE_BATCH = 32
@@ -127,14 +127,13 @@ def reward_markdown(evaluation: dict[str, Any]) -> str:
 
 def write_reward_report(evaluation: dict[str, Any], out: Path) -> None:
     """reward.json, reward.md, reliability.png and rewards.png in `out`."""
-    plt = pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "reward.json").write_text(json.dumps(summary(evaluation), indent=2, sort_keys=True))
     (out / "reward.md").write_text("# Reward models\n\n" + reward_markdown(evaluation))
 
     models, sources = evaluation["models"], evaluation["sources"]
-    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
+    fig, axes = subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
     for ax, (name, m) in zip(axes[0], models.items(), strict=True):
         for source in sources:
             centers, accuracy = reliability(np.array(m["per_source"][source]["margins"]))
@@ -145,7 +144,7 @@ def write_reward_report(evaluation: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     (out / "reliability.png").write_bytes(png_bytes(fig))
 
-    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.5), squeeze=False)
+    fig, axes = subplots(1, len(models), figsize=(4 * len(models), 3.5), squeeze=False)
     for ax, (name, m) in zip(axes[0], models.items(), strict=True):
         for source in sources:
             ax.hist(m["per_source"][source]["rewards"], bins=30, alpha=0.5, label=source)
@@ -170,10 +169,9 @@ def reliability(margins: np.ndarray, bins: int = 10) -> tuple[list[float], list[
 
 def plot_lambda(history: list[dict[str, float]], path: Path) -> None:
     """MORE's lambda per source over training steps."""
-    plt = pyplot()
 
     names = sorted({k for h in history for k in h if k.startswith("lambda/")})
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     for name in names:
         points = [(h["step"], h[name]) for h in history if name in h and math.isfinite(h[name])]
         ax.plot(*zip(*points, strict=True), label=name.removeprefix("lambda/"))

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from raybpo.data.schema import prompt_key
-from raybpo.plots import png_bytes, pyplot
+from raybpo.plots import png_bytes, subplots
 from raybpo.tables import markdown_table
 
 BASELINE = "sft"
@@ -173,7 +173,6 @@ def winrate_markdown(evaluation: dict[str, Any]) -> str:
 
 def plot_winrates(evaluation: dict[str, Any]) -> bytes:
     """Horizontal bars of the win rates with their intervals, and the 0.5 line (PNG bytes)."""
-    plt = pyplot()
 
     policies = evaluation["policies"]
     labels = [f"{p['name']}\n{p['pairs']} pairs, {p['prompts']} prompts" for p in policies]
@@ -182,7 +181,7 @@ def plot_winrates(evaluation: dict[str, Any]) -> bytes:
         [r - p["ci_low"] if p["ci_low"] is not None else 0 for r, p in zip(rates, policies, strict=True)],
         [p["ci_high"] - r if p["ci_high"] is not None else 0 for r, p in zip(rates, policies, strict=True)],
     ]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.7 * len(policies)))
+    fig, ax = subplots(figsize=(7, 1.2 + 0.7 * len(policies)))
     ax.barh(range(len(policies)), rates, xerr=errors, capsize=4, color="tab:blue", alpha=0.8)
     ax.axvline(0.5, color="k", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(policies)), labels, fontsize=8)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from raybpo.plots import png_bytes, pyplot
+from raybpo.plots import png_bytes, subplots
 
 KMEANS_NITER = 25
 INIT_STREAM = 0  # the k-means++ init draws from (seed, INIT_STREAM)
@@ -173,10 +173,9 @@ def cluster_counts(cluster: np.ndarray, kept: np.ndarray, k: int) -> ClusterCoun
 def plot_cluster_sizes(counts: ClusterCounts, eta: float, method: str, unit: str = "prompts") -> bytes:
     """PNG: a histogram of cluster sizes, and the kept count of every cluster against its size (in `unit`)."""
     sizes, kept = counts.sizes, counts.kept
-    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (left, right) = subplots(1, 2, figsize=(9, 3.5))
     left.hist(sizes, bins=min(30, max(1, len(np.unique(sizes)))), color="tab:blue")
     left.set(title=f"{len(sizes)} clusters", xlabel=f"{unit} in cluster", ylabel="clusters")
     right.scatter(sizes, kept, s=12, alpha=0.6, label=f"kept ({method})")

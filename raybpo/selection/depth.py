@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raybpo.config import DepthConfig
-from raybpo.plots import png_bytes, pyplot
+from raybpo.plots import png_bytes, subplots
 from raybpo.selection.clustering import (
     assign_to_centroids,
     keep_count,
@@ -177,9 +177,8 @@ def warmup_sample(n: int, count: int, seed: int) -> np.ndarray:
 
 def plot_pairs_per_prompt(allocations: dict[str, np.ndarray]) -> bytes:
     """PNG (BPO's Figure 4): a histogram of pairs per prompt for each selection (dynamic depth vs the baselines)."""
-    plt = pyplot()
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     top = max(int(a.max()) for a in allocations.values() if len(a))
     bins = np.arange(0.5, top + 1.5)
     for name, counts in allocations.items():

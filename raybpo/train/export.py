@@ -19,6 +19,7 @@ from torch import nn
 
 from raybpo.artifacts import in_stage, prepared_inputs, training_metrics
 from raybpo.config import LoopConfig
+from raybpo.models.tiny import GLOBAL_RNG
 from raybpo.rundir import StageCounts
 from raybpo.train.loop import Recipe, fit
 
@@ -49,7 +50,8 @@ def load_trained(factory: Callable[[], Recipe], result, has_eval: bool) -> tuple
     (`as_directory`: a remote one is downloaded to a temporary folder that is removed again)."""
     checkpoint = best_checkpoint(result, has_eval)
     recipe = factory()
-    model = recipe.build_model(torch.device("cpu"))
+    with GLOBAL_RNG:  # initial weights are overwritten below, but drawn from the RNG a tiny model may be seeding
+        model = recipe.build_model(torch.device("cpu"))
     with checkpoint.as_directory() as directory:
         recipe.load_model(model, Path(directory))
     return recipe, model
