@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from raybpo.artifacts import Artifact, read_pairs, reward_member
+from raybpo.artifacts import read_pairs, reward_member
 from raybpo.cli import DEMO_PRESET
 from raybpo.config import Config, load_config
 from raybpo.metrics.reward import evaluate_reward_models, summary
@@ -113,7 +113,7 @@ def average_evaluation(cfg: Config) -> dict[str, Any]:
     """The `average` ensemble of a finished `single` run's models, evaluated as the stage's `average` mode does."""
     run_dir = RunDir(cfg.run_dir)
     pairs = read_pairs(run_dir)
-    members = [Path(Artifact(run_dir.uri, reward_member(s)).local()) for s in sorted(set(pairs["source"]))]
+    members = [run_dir.uri_of(*reward_member(s)) for s in sorted(set(pairs["source"]))]
     return summary(evaluate_reward_models({"average": members}, pairs, cfg.reward))
 
 

@@ -13,11 +13,12 @@ and readers of what a stage takes from another.
     evaluate/evaluation.json      EVALUATION: the win rates
 
 A location is relative: `Parts` below a run directory (a local path or a URI that pyarrow's filesystems
-understand). An `Artifact` is a run directory's URI and the parts of one output there, a place that any node
-resolves on its own (`Artifact.local()`: the folder itself on a local run directory, else a copy downloaded
-to that node), never a path of the driver's. A model a stage loads is a `ModelSource`: another stage's
-artifact or an external name, with the identity the loading stage's manifest records for it. For now the
-stages resolve their models on the driver (`ModelSource.local()`) and pass the path to their workers.
+understand). An `Artifact` is a run directory's URI and the parts of one output there: `Artifact.uri` is a place
+any node resolves on its own, never a path of the driver's disk. A model a stage loads is a `ModelSource`:
+another stage's artifact or an external name, with the identity the loading stage's manifest records for it.
+Stages hand remote work `ModelSource.uri` (the artifact's URI, or the name); the actor or Train worker that
+loads it resolves it on its own node (`models.loading.resolve_model_path`: a local path as it is, an `s3://`
+folder fetched into that node's cache, `rundir.node_local`).
 
 Every stage folder, every output another module opens, and every output a stage's manifest lists (relative
 to its folder, `in_stage`) is named here, and the stages write their outputs under these names. Only files a
@@ -166,9 +167,10 @@ class Artifact:
     run_dir: str
     parts: Parts
 
-    def local(self) -> str:
-        """A local path holding it on this node: itself on a local run directory, else a downloaded copy."""
-        return RunDir(self.run_dir).local_dir(*self.parts)
+    @property
+    def uri(self) -> str:
+        """Where it is, for any node: a local path on a local run directory, else scheme://..."""
+        return RunDir(self.run_dir).uri_of(*self.parts)
 
 
 @dataclass(frozen=True)
@@ -182,10 +184,11 @@ class ModelSource:
     identity: str
     manifest: dict[str, Any]
 
-    def local(self) -> str:
-        """What a loader takes: the artifact's local path on this node, or the external name as given."""
+    @property
+    def uri(self) -> str:
+        """What a loader takes, on any node: the artifact's URI, or the external name as given."""
         if self.artifact is not None:
-            return self.artifact.local()
+            return self.artifact.uri
         assert self.name is not None
         return self.name
 

@@ -8,11 +8,14 @@ The run directory is a local path or any URI pyarrow's filesystems understand (s
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import platform
 import posixpath
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +32,7 @@ from raybpo.config import Config
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+COMPLETE = ".raybpo-complete"  # written last into a folder of the node cache: a folder without it is never used
 VERSIONED_PACKAGES = ("raybpo", "ray", "torch", "transformers", "peft", "pyarrow", "pydantic", "numpy")
 
 
@@ -87,22 +91,6 @@ class RunDir:
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
-    def local_dir(self, *parts: str) -> str:
-        """A local path holding the folder `parts`: itself on a local run dir, else a downloaded copy."""
-        if self.is_local():
-            return self.path(*parts)
-        target = Path(tempfile.gettempdir()) / "raybpo-cache" / hashlib.sha256(self.uri_of(*parts).encode()).hexdigest()
-        if not target.exists():
-            partial = target.with_suffix(".partial")
-            pafs.copy_files(
-                self.path(*parts),
-                str(partial),
-                source_filesystem=self.fs,
-                destination_filesystem=pafs.LocalFileSystem(),
-            )
-            partial.rename(target)
-        return str(target)
-
     def upload_dir(self, local: str | Path, *parts: str) -> str:
         """Copy a local folder to `parts` below the run dir (a plain copy when the run dir is local)."""
         destination = self.path(*parts)
@@ -111,6 +99,57 @@ class RunDir:
             str(local), destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs
         )
         return destination
+
+
+def node_cache_dir() -> Path:
+    """This node's cache of models (converted GGUF files, folders fetched from object storage), shared by its
+    processes: `RAYBPO_MODEL_CACHE`, else ~/.cache/raybpo/models."""
+    return Path(os.environ.get("RAYBPO_MODEL_CACHE") or Path.home() / ".cache" / "raybpo" / "models")
+
+
+def cached_folder(name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name` of the node cache, built by `build(empty folder)` on first use: atomically (renamed into
+    place with its COMPLETE marker) and by one process of the node at a time (a file lock)."""
+    cache = node_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    folder = cache / name
+    if (folder / COMPLETE).exists():
+        return folder
+    with (cache / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / COMPLETE).exists():
+            partial = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache))
+            partial.chmod(0o755)
+            try:
+                build(partial)
+                (partial / COMPLETE).write_text(f"{name}\n")
+                shutil.rmtree(folder, ignore_errors=True)  # a folder left without its marker
+                partial.rename(folder)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def node_local(uri: str) -> str:
+    """A path on this node to the folder at `uri`: a local path as it is; a URI (s3://...) fetched into the node
+    cache once per node and content. The key is the URI and its files' names, sizes and modification times (one
+    listing), so a folder a redone stage rewrote is fetched again (object stores keep times to the second: files
+    rewritten within the second at the same sizes would not be). Remote work calls this where it opens a model
+    (through `models.loading.resolve_model_path`), so no path of another node's disk crosses a Ray boundary."""
+    if "://" not in uri:
+        return uri
+    fs, root = pafs.FileSystem.from_uri(uri)
+    files = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
+    if not files:
+        raise FileNotFoundError(f"{uri}: no files there (a model folder was expected)")
+    listing = sorted((posixpath.relpath(f.path, root), f.size, f.mtime_ns) for f in files)
+    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:32]
+
+    def fetch(into: Path) -> None:
+        log.info("fetching %s (%d files) into this node's cache", uri, len(files))
+        pafs.copy_files(root, str(into), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+    return str(cached_folder(f"{posixpath.basename(root.rstrip('/'))}-{key}", fetch))
 
 
 def hash_files(fs: pafs.FileSystem, path: str) -> str:

@@ -10,6 +10,7 @@ import gzip
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -26,6 +27,13 @@ import pytest
 if TYPE_CHECKING:
     from raybpo.config import Config, TinyModelConfig
 
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RAYBPO_SHARED_DATA", ROOT.parent / "shared" / "data"))
 HH_TEST = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -37,6 +45,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # One node, never preempted: no preemption-watcher actor beside every Ray Train run (a process start each; Ray
 # Train passes the variable on to its controller).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# A real S3 API on loopback (moto's server mode, started by the `s3` fixture): its address and dummy keys are set
+# before Ray starts, so its workers reach it as the driver does (pyarrow reads AWS_ENDPOINT_URL).
+S3_PORT = _free_port()
+os.environ.update(
+    {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+)
 # Converted models (the bundled GGUF) go to a cache of this session, so every run converts for real; set before
 # Ray starts so its workers share it.
 if "RAYBPO_MODEL_CACHE" not in os.environ:
@@ -67,6 +87,23 @@ def ray_session():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[str]:
+    """The loopback S3 server with a fresh bucket: yields `s3://<bucket>`."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    try:
+        # pyarrow reads AWS_ENDPOINT_URL for URIs (`from_uri`, as raybpo and Ray open them), not in this constructor
+        endpoint = os.environ["AWS_ENDPOINT_URL"]
+        pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("raybpo-test")
+        yield "s3://raybpo-test"
+    finally:
+        server.stop()
 
 
 # -- one finished tiny run ------------------------------------------------------------------------------------

@@ -43,15 +43,15 @@ def test_reference_model_is_the_sft_model_or_the_external_policy(run):
         artifacts.reference_model(cfg, run_dir)  # the tiny policy exists only after sft
     external = load_config(None, ["policy.model=some/hub-id"])
     source = artifacts.reference_model(external, run_dir)
-    assert (source.artifact, source.local()) == (None, "some/hub-id")
+    assert (source.artifact, source.uri) == (None, "some/hub-id")
     assert source.identity == f"{external.section_hash('policy')}@external"
     manifest = _stage(run_dir, cfg, "sft", (artifacts.SFT_MODEL,))
     with_sft = load_config(None, ["reward.model=sft"])
     for source in (artifacts.reference_model(cfg, run_dir), artifacts.reward_backbone(with_sft, run_dir)):
         assert source.artifact == artifacts.Artifact(run_dir.uri, artifacts.SFT_MODEL)
-        assert source.local() == run_dir.path("sft", "model")
+        assert source.uri == run_dir.path("sft", "model")
         assert source.identity == stage_identity(manifest) and source.manifest == manifest
-    assert artifacts.reward_backbone(cfg, run_dir).local() == cfg.reward.model  # the bundled MiniLM, by name
+    assert artifacts.reward_backbone(cfg, run_dir).uri == cfg.reward.model  # the bundled MiniLM, by name
 
 
 def test_scorer_and_judge_models_in_their_order(run):
@@ -64,15 +64,15 @@ def test_scorer_and_judge_models_in_their_order(run):
     run_dir.remove("reward")
     manifest = _stage(run_dir, cfg, "reward", (artifacts.REWARD_MODEL,))
     scorer = artifacts.scorer_model(cfg, run_dir)
-    assert scorer.local() == run_dir.path("reward", "model") and scorer.identity == stage_identity(manifest)
+    assert scorer.uri == run_dir.path("reward", "model") and scorer.identity == stage_identity(manifest)
     assert artifacts.judge_model(cfg, run_dir) == scorer  # no judge half: the scorer judges
     run_dir.remove("reward")
     manifest = _stage(run_dir, cfg, "reward", (artifacts.REWARD_MODEL, artifacts.REWARD_JUDGE))
     judge = artifacts.judge_model(cfg, run_dir)
-    assert judge.local() == run_dir.path("reward", "judge") and judge.identity == f"{stage_identity(manifest)}#judge"
+    assert judge.uri == run_dir.path("reward", "judge") and judge.identity == f"{stage_identity(manifest)}#judge"
     named = load_config(None, ["evaluate.reward_model=/models/rm"])
     assert artifacts.judge_model(named, run_dir).identity == "external:/models/rm"
-    assert artifacts.scorer_model(load_config(None, ["score.reward_model=/models/rm"]), run_dir).local() == "/models/rm"
+    assert artifacts.scorer_model(load_config(None, ["score.reward_model=/models/rm"]), run_dir).uri == "/models/rm"
 
 
 def test_input_pairs_and_trained_policy(run):
@@ -93,4 +93,4 @@ def test_input_pairs_and_trained_policy(run):
     run_dir.remove("train")
     train = _stage(run_dir, cfg, "train", (artifacts.merged_policy("train"),))
     policy = artifacts.trained_policy(run_dir, "train")
-    assert policy.local() == run_dir.path("train", "policy", "merged") and policy.manifest == train
+    assert policy.uri == run_dir.path("train", "policy", "merged") and policy.manifest == train

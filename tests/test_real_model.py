@@ -19,10 +19,11 @@ from raybpo.cli import main
 from raybpo.config import TinyModelConfig, TrainConfig
 from raybpo.data.readers import read_hh
 from raybpo.models import loading
-from raybpo.models.loading import COMPLETE, gguf_path, load_causal_lm, resolve_model_path
+from raybpo.models.loading import gguf_path, load_causal_lm, resolve_model_path
 from raybpo.models.lora import add_lora
 from raybpo.models.reward import load_reward_model
 from raybpo.models.tiny import build_tiny_model
+from raybpo.rundir import COMPLETE
 
 SMOLLM2 = "smollm2-135m-instruct"
 REAL = str(Path(__file__).with_name("real.yaml"))

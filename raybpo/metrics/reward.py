@@ -43,8 +43,9 @@ def score_pairs(model_dir: str | Path, prompts: list[str], chosen: list[str], re
     return np.concatenate(out_chosen), np.concatenate(out_rejected)
 
 
-def evaluate_reward_models(members: dict[str, list[Path]], pairs: dict[str, list], cfg: RewardConfig) -> dict[str, Any]:
-    """{model name: {source: metrics}} on each source's eval split; an ensemble averages its members."""
+def evaluate_reward_models(members: dict[str, list[str]], pairs: dict[str, list], cfg: RewardConfig) -> dict[str, Any]:
+    """{model name: {source: metrics}} on each source's eval split; an ensemble averages its members (model folders
+    or their URIs, resolved where this runs)."""
     eval_rows = [i for i, pair_id in enumerate(pairs["pair_id"]) if split_of(pair_id, cfg.eval_fraction) == "eval"]
     columns = {k: [pairs[k][i] for i in eval_rows] for k in ("prompt", "chosen", "rejected", "source")}
     scored = {}

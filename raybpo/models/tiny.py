@@ -7,7 +7,6 @@ every later stage loads it like any other model.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,9 +17,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from raybpo.config import TinyModelConfig
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-#: Held while the driver seeds torch's global RNG and initialises a model from it. Stages that run at once
-#: (raybpo/pipeline.py) are threads of one driver and share that RNG, so every model the driver builds takes it.
-GLOBAL_RNG = threading.Lock()
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -54,9 +50,8 @@ def build_tiny_model(texts: Iterable[str], cfg: TinyModelConfig, out_dir: str | 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    with GLOBAL_RNG:
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+    torch.manual_seed(seed)  # in the driver (sft) no other model is built, so nothing else draws from this RNG
+    model = LlamaForCausalLM(config)
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

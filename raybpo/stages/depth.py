@@ -304,7 +304,7 @@ def run_depth(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     score = require_stage(run_dir, SCORE)
     ingest = require_stage(run_dir, INGEST)
     source = reference_model(cfg, run_dir)
-    reference = source.local()
+    reference = source.uri
     inputs = {
         "score": stage_identity(score),
         "ingest": stage_identity(ingest),

@@ -125,7 +125,7 @@ def trained_policy(run_dir: RunDir, stage: str, variant: str | None = None) -> P
             f"evaluate.variants is the stage {stage}: run `raybpo train --variant {variant}` (or `raybpo run`) first"
         )
     source = artifacts.trained_policy(run_dir, stage)
-    return Policy(stage, variant, source.local(), source.manifest)
+    return Policy(stage, variant, source.uri, source.manifest)
 
 
 def trained_selection(manifest: dict[str, Any]) -> str:
@@ -179,7 +179,7 @@ def judge_setup(cfg: Config, run_dir: RunDir) -> Scorer:
     model, identity = None, ""
     if cfg.evaluate.judge == "reward_model":
         source = judge_model(cfg, run_dir)
-        model, identity = source.local(), source.identity
+        model, identity = source.uri, source.identity
     judge = cfg.evaluate.llm_judge or cfg.score.judge
     return make_scorer(cfg.evaluate.judge, judge, model, identity, cfg.reward.max_length)
 
@@ -229,7 +229,7 @@ def run_evaluate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     `evaluate/`. It trains nothing: the pipeline runs the variants before it (raybpo/graph.py)."""
     run_dir = RunDir(cfg.run_dir)
     reference = reference_model(cfg, run_dir)
-    baseline, baseline_manifest = reference.local(), reference.manifest
+    baseline, baseline_manifest = reference.uri, reference.manifest
     policies = [trained_policy(run_dir, MAIN)]
     policies += [trained_policy(run_dir, variant_stage(name), name) for name in cfg.evaluate.variants]
     prompts, prompt_source = held_out_prompts(cfg, run_dir)

@@ -126,7 +126,7 @@ def run_generate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     run_dir = RunDir(cfg.run_dir)
     breadth = require_stage(run_dir, BREADTH)
     reference = reference_model(cfg, run_dir)
-    model = reference.local()
+    model = reference.uri
     inputs = {"breadth": stage_identity(breadth), "policy": reference.identity}
 
     def body(stage_path: str) -> StageCounts:

@@ -116,7 +116,7 @@ def run_score(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     model, identity = None, ""
     if cfg.score.scorer == "reward_model":
         reward = scorer_model(cfg, run_dir)
-        model, identity = reward.local(), reward.identity
+        model, identity = reward.uri, reward.identity
         inputs["reward_model"] = identity
     scorer = make_scorer(cfg.score.scorer, cfg.score.judge, model, identity, cfg.reward.max_length)
 

@@ -10,7 +10,6 @@ loss is the plain loss at beta0 over all eval pairs, comparable across steps and
 from __future__ import annotations
 
 import functools
-import tempfile
 from pathlib import Path
 
 import torch
@@ -160,7 +159,7 @@ def run_train(
     pairs, pairs_manifest = input_pairs(run_dir, selection)
     pairs_path = run_dir.path(*pairs.parts)
     source = reference_model(cfg, run_dir)
-    reference = source.local()
+    reference = source.uri
     inputs = {
         "pairs": stage_identity(pairs_manifest) + (f"#{selection}" if selection else ""),
         "reference": source.identity,
@@ -198,24 +197,22 @@ def train_policy(
         cfg.train.model_dump(mode="json"),
         cfg.seed,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        folders = {out / in_stage(policy_adapter(stage)): False}
-        if cfg.train.merge:
-            folders[out / in_stage(merged_policy(stage))] = True
-        trained = fit_and_export(
-            checkpoint_name(stage, cfg.section_hash("policy", "train"), inputs),
-            factory,
-            cfg.train,
-            cfg.seed,
-            run_dir.uri_of(CHECKPOINTS),
-            counts["eval"] > 0,
-            folders=folders,
-            metrics=out / in_stage(training_metrics(stage)),
-            tensorboard_dir=run_dir.path(*tensorboard(stage)) if run_dir.is_local() else None,
-            callbacks=ctx.callbacks,
-        )
-        run_dir.upload_dir(out, stage)
+    folders = {policy_adapter(stage): False}
+    if cfg.train.merge:
+        folders[merged_policy(stage)] = True
+    trained = fit_and_export(
+        checkpoint_name(stage, cfg.section_hash("policy", "train"), inputs),
+        factory,
+        cfg.train,
+        cfg.seed,
+        run_dir,
+        run_dir.uri_of(CHECKPOINTS),
+        counts["eval"] > 0,
+        folders=folders,
+        metrics=training_metrics(stage),
+        tensorboard_dir=run_dir.path(*tensorboard(stage)) if run_dir.is_local() else None,
+        callbacks=ctx.callbacks,
+    )
     return prepared_stage_counts(
         stage,
         counts["rows"],

@@ -1,35 +1,37 @@
-"""What a training stage (sft, train, reward) does with its Ray Train run: fit, load the best checkpoint, export.
+"""What a training stage (sft, train, reward) does with its Ray Train run: fit, then export the best checkpoint.
 
-`fit_and_export` runs `raybpo.train.loop.fit`, loads the run's best checkpoint into a fresh recipe's model on
-the driver and writes the model folders (safetensors with the recipe's tokenizer, the LoRA adapter merged where
-asked) and the metric history (JSON lines) into local paths the stage uploads. `prepared_stage_counts` is the
-manifest part of the stages that train on prepared rows (sft, train).
+`fit_and_export` runs `raybpo.train.loop.fit`, then `export_best` as a Ray task (the run's CPUs per worker, and a
+GPU when it trained on GPUs): on whichever node Ray picks, it builds a fresh recipe's model, loads the best
+checkpoint (downloaded there when the storage is remote), writes the model folders (safetensors with the
+recipe's tokenizer, the LoRA adapter merged where asked) straight into the run directory, and returns the
+recipe's row counts. The driver builds no model and holds no weights; it writes only the metric history (JSON
+lines). `prepared_stage_counts` is the manifest part of the stages that train on prepared rows (sft, train).
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
-from torch import nn
 
-from raybpo.artifacts import in_stage, prepared_inputs, training_metrics
+from raybpo.artifacts import Parts, in_stage, prepared_inputs, relpath, training_metrics
 from raybpo.config import LoopConfig
-from raybpo.models.tiny import GLOBAL_RNG
-from raybpo.rundir import StageCounts
+from raybpo.rundir import RunDir, StageCounts
 from raybpo.train.loop import Recipe, fit
 
 
 @dataclass(frozen=True)
 class Trained:
-    """A finished run: the driver's recipe (its model built, the best checkpoint loaded) and the metric history."""
+    """A finished and exported run: its metric history and the recipe's row counts (`Recipe.counts`)."""
 
-    recipe: Recipe
     history: list[dict[str, Any]]
+    counts: dict[str, int]
 
     def final(self, names: Collection[str]) -> dict[str, Any]:
         """The manifest's `steps` and `final_metrics` (those of `names`): the last logged step's."""
@@ -45,16 +47,26 @@ def best_checkpoint(result, has_eval: bool):
     return checkpoint
 
 
-def load_trained(factory: Callable[[], Recipe], result, has_eval: bool) -> tuple[Recipe, nn.Module]:
-    """A fresh recipe and its model on CPU with the run's best checkpoint loaded, read in place where it is local
-    (`as_directory`: a remote one is downloaded to a temporary folder that is removed again)."""
-    checkpoint = best_checkpoint(result, has_eval)
+def export_best(
+    factory: Callable[[], Recipe], checkpoint: Any, run_dir: str, folders: Mapping[Parts, bool], use_gpu: bool
+) -> dict[str, int]:
+    """Ray task: the `checkpoint` (a Ray Train checkpoint) loaded into a fresh recipe's model, saved with the
+    recipe's tokenizer to each location `folders` names below `run_dir`, merged (`merge_and_unload`, after every
+    unmerged folder is written) where its value is True; returns the recipe's `counts()`."""
     recipe = factory()
-    with GLOBAL_RNG:  # initial weights are overwritten below, but drawn from the RNG a tiny model may be seeding
-        model = recipe.build_model(torch.device("cpu"))
-    with checkpoint.as_directory() as directory:
+    model = recipe.build_model(torch.device("cuda" if use_gpu else "cpu"))
+    with checkpoint.as_directory() as directory:  # read in place when local, else downloaded to this node
         recipe.load_model(model, Path(directory))
-    return recipe, model
+    target, merged = RunDir(run_dir), None
+    with tempfile.TemporaryDirectory() as tmp:
+        for parts, merge in sorted(folders.items(), key=lambda item: item[1]):  # merging changes the model: last
+            if merge and merged is None:
+                merged = model.merge_and_unload()
+            local = Path(tmp) / relpath(parts)
+            (merged if merge else model).save_pretrained(local, safe_serialization=True)
+            recipe.tokenizer.save_pretrained(local)
+            target.upload_dir(local, *parts)
+    return recipe.counts()
 
 
 def metrics_jsonl(history: list[dict[str, Any]]) -> bytes:
@@ -67,29 +79,29 @@ def fit_and_export(
     factory: Callable[[], Recipe],
     loop_cfg: LoopConfig,
     seed: int,
+    run_dir: RunDir,
     storage: str,
     has_eval: bool,
     *,
-    folders: Mapping[Path, bool],
-    metrics: Path,
+    folders: Mapping[Parts, bool],
+    metrics: Parts,
     tensorboard_dir: str | None = None,
     callbacks: Sequence[Any] = (),
 ) -> Trained:
-    """`fit` (its arguments), then the best checkpoint exported: each local folder of `folders` gets the model,
-    merged (`merge_and_unload`, after every unmerged folder is written) where its value is True, and the recipe's
-    tokenizer; the local file `metrics` gets the metric history as JSON lines."""
+    """`fit` (its arguments), then the best checkpoint exported by `export_best` to the run-directory locations
+    `folders` (value True: merged); the metric history goes to `metrics` as JSON lines."""
     result = fit(name, factory, loop_cfg, seed, storage, has_eval, tensorboard_dir, callbacks)
-    recipe, model = load_trained(factory, result, has_eval)
-    merged = None
-    for folder, merge in sorted(folders.items(), key=lambda item: item[1]):  # merging changes the model: last
-        if merge and merged is None:
-            merged = model.merge_and_unload()
-        (merged if merge else model).save_pretrained(folder, safe_serialization=True)
-        recipe.tokenizer.save_pretrained(folder)
+    export = ray.remote(export_best).options(
+        num_cpus=loop_cfg.cpus_per_worker,
+        num_gpus=1 if loop_cfg.use_gpu else 0,
+        max_retries=1,
+        scheduling_strategy="DEFAULT",  # not into the placement group of a caller such as a Tune trial
+    )
+    checkpoint = best_checkpoint(result, has_eval)
+    counts = ray.get(export.remote(factory, checkpoint, run_dir.uri, dict(folders), loop_cfg.use_gpu))
     history = result.return_value["history"]
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_bytes(metrics_jsonl(history))
-    return Trained(recipe, history)
+    run_dir.write_bytes(relpath(metrics), metrics_jsonl(history))
+    return Trained(history, counts)
 
 
 def prepared_stage_counts(

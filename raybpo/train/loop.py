@@ -101,6 +101,10 @@ class Recipe(ABC):
         """Every optimizer step's global micro-batches; by default length-bucketed (`step_plan`)."""
         return step_plan(self.train_lengths, cfg, seed)
 
+    def counts(self) -> dict[str, int]:
+        """The row counts the stage's manifest records: the evaluation split's (a recipe may add its own)."""
+        return {"eval": self.num_eval}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -35,9 +36,11 @@ from raybpo.artifacts import (
     REWARD_MODELS,
     REWARD_REPORT,
     REWARD_TABLE,
+    Parts,
     in_stage,
     read_pairs,
     reward_backbone,
+    reward_member,
 )
 from raybpo.cluster import init_ray
 from raybpo.config import Config, LoopConfig, RewardConfig
@@ -160,6 +163,9 @@ class RewardRecipe(Recipe):
             )
         model.tie_weights()
 
+    def counts(self) -> dict[str, int]:
+        return {"eval": self.num_eval, "train": sum(map(len, self.by_source.values()))}
+
     def state_dict(self) -> dict[str, Any]:
         return {"more": self.weighting.state_dict()} if self.weighting else {}
 
@@ -180,13 +186,14 @@ def train_reward_model(
     run_dir: RunDir,
     mode: str,
     sources: list[str],
-    out: Path,
+    out: Parts,
     name: str,
     half: int | None = None,
     callbacks: Sequence[Any] = (),
 ) -> dict:
-    """Train one reward model on `sources` (one `judge_half` of their pairs, or all) into the local folder `out`;
-    returns its metric history. `callbacks` go to its TorchTrainer."""
+    """Train one reward model on `sources` (one `judge_half` of their pairs, or all) into `out` below the run
+    directory (its metric history beside it, `<out>.metrics.jsonl`); returns the history and the pair counts.
+    `callbacks` go to its TorchTrainer."""
     micro = cfg.reward.pairs_per_source_per_batch * len(sources)
     if cfg.reward.batch_size % (micro * cfg.reward.num_workers):
         raise ValueError(
@@ -197,7 +204,7 @@ def train_reward_model(
     factory = functools.partial(
         make_reward_recipe,
         cfg.run_dir,
-        reward_backbone(cfg, run_dir).local(),
+        reward_backbone(cfg, run_dir).uri,
         reward.model_dump(mode="json"),
         mode,
         sources,
@@ -209,15 +216,14 @@ def train_reward_model(
         factory,
         reward,
         cfg.seed,
+        run_dir,
         run_dir.uri_of(CHECKPOINTS),
         False,
         folders={out: False},
-        metrics=out.parent / f"{out.name}.metrics.jsonl",
+        metrics=(*out[:-1], f"{out[-1]}.metrics.jsonl"),
         callbacks=callbacks,
     )
-    recipe = trained.recipe
-    train_pairs = sum(map(len, recipe.by_source.values()))
-    return {"history": trained.history, "eval_pairs": recipe.num_eval, "train_pairs": train_pairs}
+    return {"history": trained.history, "eval_pairs": trained.counts["eval"], "train_pairs": trained.counts["train"]}
 
 
 def run_reward(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
@@ -233,49 +239,48 @@ def run_reward(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
         pairs = read_pairs(run_dir)
         sources = sorted(set(pairs["source"]))
         identity = checkpoint_name(STAGE, cfg.section_hash("reward"), inputs)
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp_path = Path(tmp)
-            if mode in ("more", "multitask") and cfg.reward.judge_model:
-                runs = {
-                    name: train_reward_model(
-                        cfg, run_dir, mode, sources, tmp_path / name, f"{identity}-{name}", half, ctx.callbacks
-                    )
-                    for half, name in enumerate(("model", "judge"))
-                }
-                members = {name: [tmp_path / name] for name in runs}
-            elif mode in ("more", "multitask"):
-                runs = {
-                    "model": train_reward_model(
-                        cfg, run_dir, mode, sources, tmp_path / "model", identity, callbacks=ctx.callbacks
-                    )
-                }
-                members = {"model": [tmp_path / "model"]}
-            else:
-                runs = {
-                    f"models/{s}": train_reward_model(
-                        cfg, run_dir, "single", [s], tmp_path / "models" / s, f"{identity}-{s}", callbacks=ctx.callbacks
-                    )
-                    for s in sources
-                }
-                models = [tmp_path / "models" / s for s in sources]
-                members = (
-                    {f"single:{s}": [m] for s, m in zip(sources, models, strict=True)}
-                    if mode == "single"
-                    else {"average": models}
+        if mode in ("more", "multitask") and cfg.reward.judge_model:
+            outputs = {"model": REWARD_MODEL, "judge": REWARD_JUDGE}
+            runs = {
+                name: train_reward_model(
+                    cfg, run_dir, mode, sources, outputs[name], f"{identity}-{name}", half, ctx.callbacks
                 )
-            evaluation = evaluate_reward_models(members, pairs, cfg.reward)
-            report = tmp_path / "report"
+                for half, name in enumerate(outputs)
+            }
+            members = {name: [run_dir.uri_of(*parts)] for name, parts in outputs.items()}
+        elif mode in ("more", "multitask"):
+            runs = {
+                "model": train_reward_model(cfg, run_dir, mode, sources, REWARD_MODEL, identity, None, ctx.callbacks)
+            }
+            members = {"model": [run_dir.uri_of(*REWARD_MODEL)]}
+        else:
+            runs = {
+                f"models/{s}": train_reward_model(
+                    cfg, run_dir, "single", [s], reward_member(s), f"{identity}-{s}", None, ctx.callbacks
+                )
+                for s in sources
+            }
+            models = [run_dir.uri_of(*reward_member(s)) for s in sources]
+            members = (
+                {f"single:{s}": [m] for s, m in zip(sources, models, strict=True)}
+                if mode == "single"
+                else {"average": models}
+            )
+        # The models are scored on the held-out pairs in a Ray task, where they are loaded (not in the driver).
+        evaluate = ray.remote(evaluate_reward_models).options(
+            num_cpus=cfg.reward.cpus_per_worker,
+            scheduling_strategy="DEFAULT",  # outside a Tune trial's group
+        )
+        evaluation = ray.get(evaluate.remote(members, pairs, cfg.reward))
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "report"
             write_reward_report(evaluation, report)
             lambdas = {
                 k: [h for h in run["history"] if any(m.startswith("lambda/") for m in h)] for k, run in runs.items()
             }
             if mode == "more":
                 plot_lambda(lambdas["model"], report / "lambda.png")
-            for parts in (REWARD_MODEL, REWARD_JUDGE, REWARD_MODELS, REWARD_REPORT):
-                if (tmp_path / in_stage(parts)).exists():
-                    run_dir.upload_dir(tmp_path / in_stage(parts), *parts)
-            for metrics_file in tmp_path.rglob("*.metrics.jsonl"):
-                run_dir.write_bytes(f"{STAGE}/{metrics_file.relative_to(tmp_path)}", metrics_file.read_bytes())
+            run_dir.upload_dir(report, *REWARD_REPORT)
         eval_pairs = sum(r["eval_pairs"] for r in runs.values())
         return StageCounts(
             rows_in=len(pairs["pair_id"]),

@@ -26,7 +26,6 @@ from raybpo.artifacts import (
     SFT,
     SFT_BASE,
     SFT_MODEL,
-    Artifact,
     in_stage,
     ingested_pairs,
     prepared_inputs,
@@ -123,50 +122,48 @@ def run_sft(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     inputs = {"ingest": stage_identity(ingest)}
 
     def body(stage_path: str) -> StageCounts:
-        with tempfile.TemporaryDirectory() as tmp:
-            if cfg.policy.model == "tiny":
-                texts = ingested_pairs(run_dir, ["prompt", "chosen", "rejected"])
+        base = cfg.policy.model
+        if base == "tiny":
+            texts = ingested_pairs(run_dir, ["prompt", "chosen", "rejected"])
+            with tempfile.TemporaryDirectory() as tmp:
                 build_tiny_model(
                     (t for column in texts.columns for t in column.to_pylist()), cfg.policy.tiny, tmp, cfg.seed
                 )
                 run_dir.upload_dir(tmp, *SFT_BASE)
-                base = Artifact(run_dir.uri, SFT_BASE).local()
-            else:
-                base = cfg.policy.model
-            counts = prepare(
-                run_dir.path(*INGESTED_PAIRS),
-                run_dir.path(*prepared_inputs(STAGE)),
-                run_dir,
-                base,
-                cfg.policy,
-                cfg.sft.max_length,
-                cfg.sft.max_prompt_length,
-                cfg.sft.eval_fraction,
-                reference=False,
-                examples=True,
-            )
-            factory = functools.partial(
-                make_sft_recipe,
-                cfg.run_dir,
-                base,
-                cfg.policy.model_dump(mode="json"),
-                cfg.sft.model_dump(mode="json"),
-                cfg.train.model_dump(mode="json"),
-            )
-            out = Path(tmp) / "out"
-            trained = fit_and_export(
-                checkpoint_name(STAGE, cfg.section_hash(*sections), inputs),
-                factory,
-                cfg.sft,
-                cfg.seed,
-                run_dir.uri_of(CHECKPOINTS),
-                counts["eval"] > 0,
-                folders={out / in_stage(SFT_MODEL): cfg.sft.lora},  # LoRA merged: a full model either way
-                metrics=out / in_stage(training_metrics(STAGE)),
-                tensorboard_dir=run_dir.path(*tensorboard(STAGE)) if run_dir.is_local() else None,
-                callbacks=ctx.callbacks,
-            )
-            run_dir.upload_dir(out, STAGE)
+            base = run_dir.uri_of(*SFT_BASE)
+        counts = prepare(
+            run_dir.path(*INGESTED_PAIRS),
+            run_dir.path(*prepared_inputs(STAGE)),
+            run_dir,
+            base,
+            cfg.policy,
+            cfg.sft.max_length,
+            cfg.sft.max_prompt_length,
+            cfg.sft.eval_fraction,
+            reference=False,
+            examples=True,
+        )
+        factory = functools.partial(
+            make_sft_recipe,
+            cfg.run_dir,
+            base,
+            cfg.policy.model_dump(mode="json"),
+            cfg.sft.model_dump(mode="json"),
+            cfg.train.model_dump(mode="json"),
+        )
+        trained = fit_and_export(
+            checkpoint_name(STAGE, cfg.section_hash(*sections), inputs),
+            factory,
+            cfg.sft,
+            cfg.seed,
+            run_dir,
+            run_dir.uri_of(CHECKPOINTS),
+            counts["eval"] > 0,
+            folders={SFT_MODEL: cfg.sft.lora},  # LoRA merged: a full model either way
+            metrics=training_metrics(STAGE),
+            tensorboard_dir=run_dir.path(*tensorboard(STAGE)) if run_dir.is_local() else None,
+            callbacks=ctx.callbacks,
+        )
         return prepared_stage_counts(
             STAGE,
             ingest["rows_out"],
