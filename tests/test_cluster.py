@@ -8,7 +8,6 @@ signalling that session only: `ray stop` would kill every Ray on the machine, th
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import re
@@ -71,9 +70,15 @@ def _is_spot(node_type: dict[str, Any]) -> bool:
 
 
 def test_cluster_yaml_passes_the_autoscaler_schema(cluster):
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    """Against the schema Ray publishes with the launcher (`ray/autoscaler/ray-schema.json`), as `ray up` checks."""
+    import jsonschema
+    import ray.autoscaler
 
-    validate_config(prepare_config(copy.deepcopy(cluster)))  # what `ray up` runs before it starts anything
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(cluster, schema)
+    broken = {**cluster, "available_node_types": {"head": {"resources": {}}}}  # no node_config
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
 
 
 def test_cluster_has_a_cpu_free_head_and_scale_to_zero_gpu_workers_on_demand_and_spot(cluster):
