@@ -1,24 +1,31 @@
 """Depth candidates: seeded generation (HF backend; the vLLM backend's processor up to the engine),
 scoring (oracle, reward model) and the pair rules."""
 
+import asyncio
+import copy
+import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
+import ray
 from conftest import benchmark_with_tiny_llama
 
 from raybpo.artifacts import read_pairs
 from raybpo.config import Config, GenerateConfig, TinyModelConfig
 from raybpo.data.schema import prompt_key
 from raybpo.models.generation import sample_seed
+from raybpo.models.loading import load_tokenizer
 from raybpo.models.reward import load_reward_model, reward_head
+from raybpo.models.tokenize import encode_prompt
 from raybpo.rundir import RunDir, StageCounts, run_stage
 from raybpo.scoring.reward_model import RewardModelScorer
-from raybpo.stages.generate import run_generate, vllm_processor, vllm_requests
+from raybpo.stages.generate import run_generate, vllm_processor, vllm_request_dataset, vllm_requests
 from raybpo.stages.score import all_pairs, run_score, uniform_pairs
 
 KEPT = 6
@@ -121,17 +128,74 @@ def test_reward_model_scoring_is_batch_invariant(generated, tmp_path):
     assert together == pytest.approx(alone, abs=1e-5) and len(set(together)) > 1
 
 
-def test_vllm_backend_builds_its_processor_and_seeded_requests(generated):
-    cfg, _ = generated
+def test_vllm_backend_builds_its_processor_and_seeded_requests(prepared):
+    cfg = prepared
     gen = GenerateConfig(backend="vllm", n=3, engine_kwargs={"max_model_len": 512}, concurrency=2, batch_size=8)
     processor = vllm_processor(cfg.policy.model, gen)
     assert processor.config.model_source == cfg.policy.model and processor.config.concurrency == 2
     assert processor.config.engine_kwargs["max_model_len"] == 512 and processor.config.batch_size == 8
-    requests = vllm_requests({"prompt": "Describe the cat.", "prompt_key": "k"}, n=3, seed=7, cfg=gen.model_dump())
+    row = {"prompt": "Describe the cat.", "prompt_key": "k"}
+    requests = vllm_requests(row, [1, 5, 9], plain=True, n=3, seed=7, cfg=gen)
     assert [r["candidate"] for r in requests] == [0, 1, 2]
     assert [r["sampling_params"]["seed"] for r in requests] == [sample_seed(7, "k", i) for i in range(3)]
-    assert requests[0]["messages"] == [{"role": "user", "content": "Describe the cat."}]
+    assert [r["seed"] for r in requests] == [r["sampling_params"]["seed"] for r in requests]
+    assert requests[0]["tokenized_prompt"] == [1, 5, 9] and "messages" not in requests[0]
     assert requests[0]["sampling_params"]["max_tokens"] == gen.max_new_tokens
+
+
+def test_vllm_engine_gets_the_hf_backends_token_ids(prepared, monkeypatch):
+    """The rows the vLLM engine stage reads carry `encode_prompt`'s ids (one BOS, no chat template for the
+    tiny model), not what Ray's own tokenize stage would send; the processor has no chat-template or tokenize
+    stage; the engine's request holds exactly those ids; a result becomes the candidate row."""
+    from ray.data.llm import Processor
+    from ray.llm._internal.batch.constants import vLLMTaskType
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineWrapper
+
+    cfg = prepared
+    gen = GenerateConfig(backend="vllm", n=2, max_new_tokens=8, batch_size=4)
+    processor = vllm_processor(cfg.policy.model, gen)
+    assert processor.list_stage_names() == ["vLLMEngineStage", "DetokenizeStage"]
+
+    chat = json.dumps([{"role": "user", "content": "Describe the cat."}])
+    prompts = [*sorted(set(read_pairs(RunDir(cfg.run_dir))["prompt"]))[:3], chat]
+    source = ray.data.from_items([{"prompt": p, "prompt_key": prompt_key(p)} for p in prompts])
+    requests = vllm_request_dataset(source, cfg.policy.model, cfg.policy, gen, cfg.seed)
+    # What `Processor.__call__` does before its first stage, the engine here: the stage reads the data column.
+    engine_rows = [r[Processor.DATA_COLUMN] for r in requests.map(processor.preprocess).take_all()]
+    engine_rows.sort(key=lambda r: (prompts.index(r["prompt"]), r["candidate"]))
+
+    tokenizer = load_tokenizer(cfg.policy.model, cfg.policy)
+    expected = {p: encode_prompt(tokenizer, p) for p in prompts}
+    assert [(r["prompt"], r["candidate"]) for r in engine_rows] == [(p, i) for p in prompts for i in range(2)]
+    for row in engine_rows:
+        assert list(row["tokenized_prompt"]) == expected[row["prompt"]]
+        assert (
+            row["seed"] == row["sampling_params"]["seed"] == sample_seed(cfg.seed, row["prompt_key"], row["candidate"])
+        )
+    ids = list(engine_rows[0]["tokenized_prompt"])
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.bos_token_id not in ids[1:]
+    assert ids != tokenizer(prompts[0])["input_ids"]  # Ray's TokenizeStage: no BOS from this tokenizer
+
+    # The engine's request, built by Ray's own code (a stand-in `vllm` module: SamplingParams as a dict).
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=dict))
+    engine = object.__new__(vLLMEngineWrapper)  # the engine itself needs vLLM and a GPU
+    engine.request_id, engine.idx_in_batch_column, engine.task_type = 0, "idx", vLLMTaskType.GENERATE
+    row = copy.deepcopy(engine_rows[-1])
+    request = asyncio.run(engine._prepare_llm_request({**row, "idx": 0}))
+    assert request.prompt_token_ids == expected[chat] and request.prompt == chat
+    assert request.params["seed"] == row["seed"] and request.params["max_tokens"] == 8
+
+    # After the engine (it echoes `prompt`, consumes `sampling_params`) and Ray's detokenize stage.
+    result = {k: v for k, v in row.items() if k not in ("tokenized_prompt", "sampling_params")}
+    candidate = processor.postprocess({Processor.DATA_COLUMN: {**result, "generated_text": " It purrs."}})
+    assert candidate == {
+        "prompt_key": prompt_key(chat),
+        "prompt": chat,
+        "candidate": 1,
+        "origin": "policy",
+        "response": "It purrs.",  # after a plain chat transcript, as `sample_seeded` stores it
+        "seed": row["seed"],
+    }
 
 
 def _seven_unless_a_list(message: str) -> str:

@@ -2,10 +2,10 @@
 
 `sample_seeded` draws every row with its own `torch.Generator`, so a response depends only on the
 model, its prompt and its seed: not on the batch it was sampled in, the batch size, the worker or a
-rerun. Prompts are rendered exactly as in training (`encode_prompt`; with `max_prompt_length` only their
-last tokens are kept, as training truncates), left-padded, each distinct prompt prefilled once, and decoded
-with the KV cache; a row stops at EOS or after `max_new_tokens`. Sample i of a prompt is drawn with the
-seed `sample_seed(seed, prompt_key, i)`.
+rerun. Prompts are rendered exactly as in training (`prompt_token_ids`: `encode_prompt`'s ids, with
+`max_prompt_length` only their last ones, as training truncates; the vLLM backend sends the engine these
+same ids), left-padded, each distinct prompt prefilled once, and decoded with the KV cache; a row stops at
+EOS or after `max_new_tokens`. Sample i of a prompt is drawn with the seed `sample_seed(seed, prompt_key, i)`.
 
 The Ray Data actors that sample with it, each loading its model once:
 - `HfGenerator`: prompts -> `generate.n` seeded samples each, rows of `CANDIDATE_SCHEMA` (origin `policy`):
@@ -47,6 +47,18 @@ def _filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
+def prompt_token_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    use_chat_template: bool = True,
+    max_prompt_length: int | None = None,
+) -> list[int]:
+    """The token ids a prompt is sampled from (both backends): `encode_prompt`'s, only the last
+    `max_prompt_length` of them when that is set (as training truncates)."""
+    ids = encode_prompt(tokenizer, prompt, use_chat_template)
+    return ids if max_prompt_length is None else ids[-max_prompt_length:]
+
+
 @torch.no_grad()
 def sample_token_ids(
     model: PreTrainedModel,
@@ -67,9 +79,7 @@ def sample_token_ids(
     """
     model.eval()
     device = model.device
-    encoded = [encode_prompt(tokenizer, p, use_chat_template) for p in prompts]
-    if max_prompt_length is not None:
-        encoded = [ids[-max_prompt_length:] for ids in encoded]
+    encoded = [prompt_token_ids(tokenizer, p, use_chat_template, max_prompt_length) for p in prompts]
     distinct: dict[tuple[int, ...], int] = {}
     row_prompt = torch.tensor([distinct.setdefault(tuple(ids), len(distinct)) for ids in encoded], device=device)
     width = max(map(len, distinct))

@@ -8,8 +8,10 @@ pairs join the pool (docs/ALGORITHMS.md section 3.2). Two backends, one output s
 - `hf` (CPU or GPU): an actor pool of Hugging Face models (`raybpo.models.generation.HfGenerator`, drawing with
   `sample_seeded`), `concurrency` actors with `num_gpus` each; Ray Data retries a crashed actor's batch.
 - `vllm` (GPU clusters): Ray Data's LLM API (`ray.data.llm.build_processor` with a
-  `vLLMEngineProcessorConfig`): the same prompts as chat messages, one request per sample with its
-  seed in the sampling parameters.
+  `vLLMEngineProcessorConfig`), one request per sample with its seed in the sampling parameters. Both
+  backends sample from the same token ids: CPU actors (`VllmRequests`) tokenise each prompt with the
+  policy's tokenizer as the HF backend does (`prompt_token_ids`: the chat template when it has one, one
+  BOS), and the engine gets them as `tokenized_prompt`, Ray's chat-template and tokenize stages off.
 
 Output `<run_dir>/generate/candidates/` (`CANDIDATE_SCHEMA`): prompt_key, prompt, candidate (index), origin
 (`policy`, `chosen` or `rejected`), response, seed (null for originals).
@@ -17,12 +19,12 @@ Output `<run_dir>/generate/candidates/` (`CANDIDATE_SCHEMA`): prompt_key, prompt
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.data import Dataset
 
 from raybpo.artifacts import (
     BREADTH,
@@ -35,9 +37,11 @@ from raybpo.artifacts import (
     reference_model,
 )
 from raybpo.cluster import init_ray
-from raybpo.config import Config, GenerateConfig
-from raybpo.data.schema import CANDIDATE_SCHEMA, prompt_key, prompt_messages
-from raybpo.models.generation import HfGenerator, sample_seed
+from raybpo.config import Config, GenerateConfig, PolicyConfig
+from raybpo.data.schema import CANDIDATE_SCHEMA, prompt_key, stored_response
+from raybpo.models.generation import HfGenerator, prompt_token_ids, sample_seed
+from raybpo.models.loading import load_tokenizer
+from raybpo.models.tokenize import uses_chat_template
 from raybpo.rundir import (
     NO_CONTEXT,
     RunDir,
@@ -53,29 +57,125 @@ STAGE = GENERATE
 ROWS_PER_FILE = 250_000
 
 
-def vllm_requests(row: dict[str, Any], n: int, seed: int, cfg: dict) -> list[dict[str, Any]]:
-    """One vLLM request per sample of a prompt: chat messages and sampling parameters with its seed."""
-    messages = prompt_messages(row["prompt"]) or [{"role": "user", "content": row["prompt"]}]
-    return [
-        {
-            "prompt_key": row["prompt_key"],
-            "prompt": row["prompt"],
-            "candidate": i,
-            "messages": messages,
-            "sampling_params": {
-                "n": 1,
-                "seed": sample_seed(seed, row["prompt_key"], i),
-                "temperature": cfg["temperature"],
-                "top_p": cfg["top_p"],
-                "max_tokens": cfg["max_new_tokens"],
-            },
-        }
-        for i in range(n)
+VLLM_REQUEST_SCHEMA = pa.schema(
+    [
+        ("prompt_key", pa.string()),
+        ("prompt", pa.string()),
+        ("candidate", pa.int32()),
+        ("seed", pa.int64()),
+        ("plain", pa.bool_()),
+        ("tokenized_prompt", pa.list_(pa.int64())),
+        (
+            "sampling_params",
+            pa.struct(
+                [
+                    ("n", pa.int64()),
+                    ("seed", pa.int64()),
+                    ("temperature", pa.float64()),
+                    ("top_p", pa.float64()),
+                    ("max_tokens", pa.int64()),
+                ]
+            ),
+        ),
     ]
+)
+
+
+def vllm_requests(
+    row: dict[str, Any], prompt_ids: list[int], plain: bool, n: int, seed: int, cfg: GenerateConfig
+) -> list[dict[str, Any]]:
+    """One vLLM request per sample of a prompt: its token ids, and sampling parameters with the sample's seed.
+
+    `seed` and `plain` (the prompt was rendered without a chat template) ride along for `vllm_candidate`,
+    since the engine stage consumes `sampling_params`."""
+    requests = []
+    for i in range(n):
+        sample = sample_seed(seed, row["prompt_key"], i)
+        requests.append(
+            {
+                "prompt_key": row["prompt_key"],
+                "prompt": row["prompt"],
+                "candidate": i,
+                "seed": sample,
+                "plain": plain,
+                "tokenized_prompt": list(prompt_ids),
+                "sampling_params": {
+                    "n": 1,
+                    "seed": sample,
+                    "temperature": cfg.temperature,
+                    "top_p": cfg.top_p,
+                    "max_tokens": cfg.max_new_tokens,
+                },
+            }
+        )
+    return requests
+
+
+class VllmRequests:
+    """Ray Data actor: prompts (prompt, prompt_key) -> `vllm_requests` rows, tokenised with the policy's
+    tokenizer (loaded once, on the actor's node, from the model URI) exactly as the HF backend tokenises."""
+
+    def __init__(self, model: str, policy: dict, generate: dict, seed: int):
+        self.policy = PolicyConfig.model_validate(policy)
+        self.cfg = GenerateConfig.model_validate(generate)
+        self.seed = seed
+        self.tokenizer = load_tokenizer(model, self.policy)
+        self.plain = not uses_chat_template(self.tokenizer, self.policy.use_chat_template)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return prompt_token_ids(self.tokenizer, prompt, self.policy.use_chat_template, self.cfg.max_prompt_length)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [
+            request
+            for row in batch.select(["prompt", "prompt_key"]).to_pylist()
+            for request in vllm_requests(
+                row, self.prompt_ids(row["prompt"]), self.plain, self.cfg.n, self.seed, self.cfg
+            )
+        ]
+        return pa.Table.from_pylist(rows, schema=VLLM_REQUEST_SCHEMA)
+
+
+def vllm_request_dataset(prompts: Dataset, model: str, policy: PolicyConfig, cfg: GenerateConfig, seed: int) -> Dataset:
+    """The vLLM backend's requests (`VLLM_REQUEST_SCHEMA`) of the prompts, tokenised in CPU actors."""
+    return prompts.map_batches(
+        VllmRequests,
+        fn_constructor_kwargs={
+            "model": model,
+            "policy": policy.model_dump(mode="json"),
+            "generate": cfg.model_dump(mode="json"),
+            "seed": seed,
+        },
+        batch_format="pyarrow",
+        batch_size=max(1, cfg.batch_size // cfg.n),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
+    )
+
+
+def vllm_candidate(row: dict[str, Any]) -> dict[str, Any]:
+    """A candidate row from a vLLM result (its text as the HF backend stores it: `sample_seeded`)."""
+    text = row["generated_text"]
+    return {
+        "prompt_key": row["prompt_key"],
+        "prompt": row["prompt"],
+        "candidate": row["candidate"],
+        "origin": "policy",
+        "response": stored_response(row["prompt"], text) if row["plain"] else text,
+        "seed": row["seed"],
+    }
+
+
+def as_candidates(batch: pa.Table) -> pa.Table:
+    """A batch with exactly `CANDIDATE_SCHEMA`'s columns and types (row-wise maps infer int64, not int32)."""
+    return batch.select(CANDIDATE_SCHEMA.names).cast(CANDIDATE_SCHEMA)
 
 
 def vllm_processor(model: str, cfg: GenerateConfig):
-    """The Ray Data LLM processor of the vLLM backend (needs the [gpu] extra and GPUs to run)."""
+    """The Ray Data LLM processor of the vLLM backend (needs the [gpu] extra and GPUs to run).
+
+    Its rows are `vllm_request_dataset`'s: the engine stage gets their `tokenized_prompt`, so Ray's
+    chat-template and tokenize stages are off; Ray's detokenize stage decodes the sampled ids as the HF
+    backend does (`batch_decode`, special tokens skipped). The engine echoes a request's `prompt` text."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     config = vLLMEngineProcessorConfig(
@@ -83,21 +183,11 @@ def vllm_processor(model: str, cfg: GenerateConfig):
         engine_kwargs=dict(cfg.engine_kwargs),
         concurrency=cfg.concurrency,
         batch_size=cfg.batch_size,
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=True,
     )
-    return build_processor(
-        config,
-        preprocess=lambda row: {
-            k: row[k] for k in ("prompt_key", "prompt", "candidate", "messages", "sampling_params")
-        },
-        postprocess=lambda row: {
-            "prompt_key": row["prompt_key"],
-            "prompt": row["prompt"],
-            "candidate": row["candidate"],
-            "origin": "policy",
-            "response": row["generated_text"],
-            "seed": row["sampling_params"]["seed"],
-        },
-    )
+    return build_processor(config, postprocess=vllm_candidate)
 
 
 def original_candidates(pairs: pa.Table, kept: dict[str, str], n: int) -> pa.Table:
@@ -135,10 +225,8 @@ def run_generate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
         kept = dict(zip(prompts["prompt_key"].to_pylist(), prompts["prompt"].to_pylist(), strict=True))
         source = ray.data.from_arrow(prompts)
         if cfg.generate.backend == "vllm":
-            requests = source.flat_map(
-                functools.partial(vllm_requests, n=cfg.generate.n, seed=cfg.seed, cfg=cfg.generate.model_dump())
-            )
-            sampled = vllm_processor(model, cfg.generate)(requests)
+            requests = vllm_request_dataset(source, model, cfg.policy, cfg.generate, cfg.seed)
+            sampled = vllm_processor(model, cfg.generate)(requests).map_batches(as_candidates, batch_format="pyarrow")
         else:
             sampled = source.map_batches(
                 HfGenerator,
