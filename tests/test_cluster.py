@@ -1,8 +1,10 @@
 """Cluster use: cluster.yaml against the Ray autoscaler's schema, jobs/configs against raybpo's config,
-the jobs/ entrypoints, and a real `ray job submit` of the pipeline to a token-authenticated local head.
+the jobs/ entrypoints, and a real `ray job submit` of the pipeline to a 3-node cluster on loopback with its run
+directory on S3, one worker node preempted and killed during train.
 
-The head is started with `ray start --block` in its own session, temp dir and ports, and stopped by
-signalling that session only: `ray stop` would kill every Ray on the machine, the test session's included.
+Each node is a `ray start --block` in its own session, temp dir and ports, stopped by signalling that session
+only: `ray stop` would kill every Ray on the machine, the test session's included. The worker nodes run in
+private mount namespaces (`unshare --mount`, as root), so that what one node writes to /tmp the others do not see.
 """
 
 from __future__ import annotations
@@ -12,26 +14,33 @@ import json
 import os
 import re
 import runpy
+import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
+from raybpo.artifacts import CHECKPOINTS, DEPTH, EVALUATE, TRAIN
+from raybpo.cli import main
 from raybpo.config import load_config
+from raybpo.rundir import COMPLETE, MANIFEST, RunDir
+from raybpo.train.checkpoint import STATE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,15 +53,19 @@ ENTRYPOINTS = {
     "run_report.py": "report",
 }
 # The whole stage graph on a tiny built-in benchmark (tests/tiny.yaml: 3 sources x 40 pairs).
+TINY = ROOT / "tests" / "tiny.yaml"
 TINY_RUN = ["--config", "tests/tiny.yaml"]
-TINY_STAGES = load_config(ROOT / "tests" / "tiny.yaml").stages
+TINY_STAGES = load_config(TINY).stages
+# Train long enough (32 steps, a checkpoint every 2) for a node to be preempted while it runs: Ray's preemption
+# watcher starts with the worker group and the drain request takes a few seconds.
+LONGER_TRAIN = ["train.epochs=8"]
 
 
 # ----------------------------------------------------------------------------- cluster.yaml
 
 
 @pytest.fixture(scope="module")
-def cluster() -> dict[str, Any]:
+def cluster_yaml() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "cluster.yaml").read_text())
 
 
@@ -69,38 +82,38 @@ def _is_spot(node_type: dict[str, Any]) -> bool:
     return node_type["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
 
 
-def test_cluster_yaml_passes_the_autoscaler_schema(cluster):
+def test_cluster_yaml_passes_the_autoscaler_schema(cluster_yaml):
     """Against the schema Ray publishes with the launcher (`ray/autoscaler/ray-schema.json`), as `ray up` checks."""
     import jsonschema
     import ray.autoscaler
 
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
-    jsonschema.validate(cluster, schema)
-    broken = {**cluster, "available_node_types": {"head": {"resources": {}}}}  # no node_config
+    jsonschema.validate(cluster_yaml, schema)
+    broken = {**cluster_yaml, "available_node_types": {"head": {"resources": {}}}}  # no node_config
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
 
 
-def test_cluster_has_a_cpu_free_head_and_scale_to_zero_gpu_workers_on_demand_and_spot(cluster):
-    head = cluster["available_node_types"][cluster["head_node_type"]]
+def test_cluster_has_a_cpu_free_head_and_scale_to_zero_gpu_workers_on_demand_and_spot(cluster_yaml):
+    head = cluster_yaml["available_node_types"][cluster_yaml["head_node_type"]]
     assert head["resources"]["CPU"] == 0 and not _is_spot(head)
-    gpus = {name: t for name, t in _workers(cluster).items() if _is_gpu(t)}
+    gpus = {name: t for name, t in _workers(cluster_yaml).items() if _is_gpu(t)}
     assert gpus and all(t["min_workers"] == 0 for t in gpus.values())
     assert any(_is_spot(t) for t in gpus.values())
     on_demand = [t for t in gpus.values() if not _is_spot(t)]
     assert on_demand and all(t["resources"].get("on_demand", 0) >= 1 for t in on_demand)
-    assert not any(t["resources"].get("on_demand") for t in _workers(cluster).values() if _is_spot(t))
+    assert not any(t["resources"].get("on_demand") for t in _workers(cluster_yaml).values() if _is_spot(t))
 
 
-def test_cluster_installs_torch_then_raybpo_gpu_and_starts_ray_with_token_auth(cluster):
-    setup = cluster["setup_commands"]
+def test_cluster_installs_torch_then_raybpo_gpu_and_starts_ray_with_token_auth(cluster_yaml):
+    setup = cluster_yaml["setup_commands"]
     torch_at = next(i for i, cmd in enumerate(setup) if "pip install" in cmd and "torch==2.13.0" in cmd)
     raybpo_at = next(i for i, cmd in enumerate(setup) if re.search(r"pip install .*raybpo\[gpu", cmd))
     assert torch_at < raybpo_at
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        start = next(cmd for cmd in cluster[key] if "ray start" in cmd)
+        start = next(cmd for cmd in cluster_yaml[key] if "ray start" in cmd)
         assert "RAY_AUTH_MODE=token" in start
-    assert "~/.ray/auth_token" in cluster["file_mounts"]
+    assert "~/.ray/auth_token" in cluster_yaml["file_mounts"]
 
 
 # ----------------------------------------------------------------------------- jobs/
@@ -128,17 +141,28 @@ def test_job_entrypoint_runs_its_raybpo_command(name: str, command: str, monkeyp
     assert capsys.readouterr().out.startswith(f"usage: raybpo {command} ")
 
 
-# ----------------------------------------------------------------------------- a real `ray job submit`
+# ----------------------------------------------------------------------------- a 3-node cluster on S3
 
 
 @dataclass
-class Head:
-    """A running head: its Jobs API URL and token, the environment its processes got, and its temp dir."""
+class Cluster:
+    """A running cluster: the head's Jobs API URL, GCS address and token, the environment its processes got, its
+    temp dir, and the `ray start --block` process of each worker node (each in its own mount namespace)."""
 
     url: str
+    gcs: str
     token: str
     env: dict[str, str]
     temp_dir: Path
+    workers: list[subprocess.Popen]
+
+    def ray(self, *args: str, timeout: float = 60) -> str:
+        """The stdout of a `ray` CLI command against this cluster (with its token)."""
+        done = subprocess.run(
+            [str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        assert done.returncode == 0, f"ray {' '.join(args)}: {done.stderr[-3000:]}"
+        return done.stdout
 
 
 def _free_ports(count: int) -> list[int]:
@@ -151,10 +175,10 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _jobs_api(url: str, token: str | None, path: str = "") -> tuple[int, Any]:
-    """(HTTP status, JSON reply) of the Jobs API's `GET /api/jobs/<path>`; status 0 while nothing answers."""
+def _get(url: str, token: str | None, path: str) -> tuple[int, Any]:
+    """(HTTP status, JSON reply) of the head's `GET /api/<path>`; status 0 while nothing answers."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(f"{url}/api/jobs/{path}", headers=headers)
+    request = urllib.request.Request(f"{url}/api/{path}", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=5) as reply:
             return reply.status, json.loads(reply.read())
@@ -164,23 +188,74 @@ def _jobs_api(url: str, token: str | None, path: str = "") -> tuple[int, Any]:
         return 0, None
 
 
-def _stop_session(process: subprocess.Popen) -> None:
-    """SIGTERM the blocking `ray start` (it stops what it started), then SIGKILL whatever is left of its session."""
-    process.terminate()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=30)
+def _jobs_api(url: str, token: str | None, path: str = "") -> tuple[int, Any]:
+    """The Jobs API: `GET /api/jobs/<path>`."""
+    return _get(url, token, f"jobs/{path}")
+
+
+def _node_processes(node: subprocess.Popen) -> list[psutil.Process]:
+    """Every process of a node: its `ray start --block` (a session leader), what it started, and their children."""
+    try:
+        leader = psutil.Process(node.pid)
+        processes = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        processes = []
     for pid in psutil.pids():
-        try:
-            if os.getsid(pid) == process.pid:
-                os.kill(pid, signal.SIGKILL)
-        except OSError:
-            continue
-    process.wait(timeout=10)
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getsid(pid) == node.pid and pid not in {p.pid for p in processes}:
+                processes.append(psutil.Process(pid))
+    return processes
+
+
+def _kill_node(node: subprocess.Popen) -> None:
+    """SIGKILL every process of the node at once, as when a cloud reclaims the machine."""
+    for process in _node_processes(node):
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    node.wait(timeout=30)
+
+
+def _stop_node(node: subprocess.Popen) -> None:
+    """SIGTERM the blocking `ray start` (it stops what it started), then SIGKILL whatever is left of the node."""
+    if node.poll() is None:
+        node.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.wait(timeout=30)
+    _kill_node(node)
+
+
+def _start_node(args: list[str], env: dict[str, str], log: Path, namespace: str | None = None) -> subprocess.Popen:
+    """`ray start --block ARGS` in a session of its own; with `namespace` (a bash prelude), first `unshare`d into a
+    private mount namespace where the prelude runs as root before `ray start` replaces it."""
+    command = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args]
+    if namespace is not None:
+        script = f"set -e\n{namespace}\nexec {' '.join(shlex.quote(part) for part in command)}"
+        command = ["unshare", "--mount", "--propagation", "private", "bash", "-c", script]
+    with log.open("w") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _private_tmp(keep: list[Path], holds: list[Path]) -> str:
+    """The bash prelude of a worker node: tmpfs on /tmp and /dev/shm (its Ray session, object store, caches and
+    HOME live there), after bind-mounting aside each `keep` path below them (the checkout and its venv) onto a
+    `holds` folder and back. A path of the driver's temp dir is then missing on the node, as on a real cluster."""
+    hidden = [(path, hold) for path, hold in zip(keep, holds, strict=True) if path.is_relative_to("/tmp")]
+    lines = [f"mount --bind {shlex.quote(str(path))} {shlex.quote(str(hold))}" for path, hold in hidden]
+    lines += ["mount -t tmpfs -o size=4g tmpfs /tmp", "mount -t tmpfs -o size=2g tmpfs /dev/shm"]
+    for path, hold in hidden:
+        lines += [
+            f"mkdir -p {shlex.quote(str(path))}",
+            f"mount --bind {shlex.quote(str(hold))} {shlex.quote(str(path))}",
+        ]
+    return "\n".join([*lines, 'mkdir -p "$HOME"'])
 
 
 @pytest.fixture
-def token_head(tmp_path: Path) -> Iterator[Head]:
-    """A Ray head on loopback with token authentication, a dashboard (the Jobs API) and 2 CPUs."""
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """cluster.yaml's shape on loopback: a token-authenticated head with no CPUs (the Jobs API and the job's
+    driver run there, no tasks) and two 2-CPU worker nodes, each in a private mount namespace."""
+    if os.geteuid() != 0:
+        pytest.fail("the 3-node cluster test needs root for `unshare --mount` (CI runs as root)")
     temp_dir = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))  # short: Ray's socket paths live below it
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH"))}
     # A fresh token, saved under this temp HOME rather than in the user's ~/.ray/auth_token.
@@ -197,60 +272,190 @@ def token_head(tmp_path: Path) -> Iterator[Head]:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stop at once on SIGTERM (no 30 s node drain)
+        # Ray Train's preemption watcher on (conftest turns it off for the one-node tests), polling often; a node
+        # that stops answering is declared dead in about 3 s rather than 30.
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",
+        "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_timeout_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
     }
     gcs, dashboard, client, agent, env_agent = _free_ports(5)
-    log_path = tmp_path / "ray-start.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [
-                BIN / "ray",
-                "start",
-                "--head",
-                "--block",
-                f"--port={gcs}",
-                "--node-ip-address=127.0.0.1",
-                "--num-cpus=2",
-                "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard}",
-                f"--ray-client-server-port={client}",
-                f"--dashboard-agent-listen-port={agent}",
-                f"--runtime-env-agent-port={env_agent}",
-                f"--temp-dir={temp_dir / 'ray'}",
-                "--disable-usage-stats",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    head = _start_node(
+        [
+            "--head",
+            f"--port={gcs}",
+            "--num-cpus=0",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--runtime-env-agent-port={env_agent}",
+            f"--temp-dir={temp_dir / 'ray'}",
+            "--object-store-memory=300000000",
+        ],
+        env,
+        tmp_path / "head.log",
+    )
+    keep = sorted({ROOT, Path(sys.prefix).resolve()})
+    holds = [Path(tempfile.mkdtemp(prefix="raybpo-node-", dir="/var/tmp")) for _ in keep]
+    # Each worker node: its own HOME and model cache in its private /tmp, and its own ranges of worker ports.
+    node_env = {**env, "HOME": "/tmp/home", "RAYBPO_MODEL_CACHE": "/tmp/raybpo-model-cache"}
+    workers = []
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 90
-        while _jobs_api(url, token)[0] != 200:
-            assert process.poll() is None, f"ray start exited ({process.returncode}):\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no Jobs API at {url} after 90 s:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
-        yield Head(url, token, env, temp_dir)
+        _wait_for(lambda: _jobs_api(url, token)[0] == 200, head, tmp_path / "head.log", f"no Jobs API at {url}")
+        for i in range(2):
+            agent, env_agent = _free_ports(2)
+            args = [
+                f"--address=127.0.0.1:{gcs}",
+                "--num-cpus=2",
+                "--object-store-memory=300000000",
+                f"--dashboard-agent-listen-port={agent}",
+                f"--runtime-env-agent-port={env_agent}",
+                f"--min-worker-port={20000 + 2000 * i}",
+                f"--max-worker-port={21999 + 2000 * i}",
+            ]
+            workers.append(_start_node(args, node_env, tmp_path / f"worker-{i}.log", _private_tmp(keep, holds)))
+        cluster = Cluster(url, f"127.0.0.1:{gcs}", token, env, temp_dir, workers)
+        for i, worker in enumerate(workers):
+            _wait_for(lambda: _alive_nodes(cluster) >= 3, worker, tmp_path / f"worker-{i}.log", "2 worker nodes")
+        yield cluster
     finally:
-        _stop_session(process)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        for node in [*workers, head]:
+            _stop_node(node)
+        for folder in [temp_dir, *holds]:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_the_pipeline_on_a_token_authenticated_head(token_head: Head, tiny_run, tmp_path: Path):
-    """The job runs `raybpo run` on a copy of the session's tiny run without its evaluate stage and report: the
-    pipeline skips the finished stages and runs evaluate (Ray Data on the head) and the report."""
-    assert _jobs_api(token_head.url, None)[0] in (401, 403)  # no token, no Jobs API
-    ray, address = str(BIN / "ray"), ["--address", token_head.url]
-    submission_id = f"raybpo-test-{uuid.uuid4().hex[:8]}"
-    run_dir = tiny_run.copy(tmp_path / "run", "evaluate", "report")
-    submit = [
-        ray,
+def _listed(cluster: Cluster, kind: str, **equal: str) -> list[dict[str, Any]]:
+    """The State API's rows of `kind` (what `ray list KIND --filter key=value` shows) whose fields equal `equal`."""
+    query = urllib.parse.urlencode(
+        [
+            (k, v)
+            for key, value in equal.items()
+            for k, v in [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
+        ]
+    )
+    status, reply = _get(cluster.url, cluster.token, f"v0/{kind}?{query}")
+    assert status == 200, f"State API: HTTP {status} for {kind}"
+    return reply["data"]["result"]["result"]
+
+
+def _alive_nodes(cluster: Cluster) -> int:
+    return len(_listed(cluster, "nodes", state="ALIVE"))
+
+
+def _wait_for(ready: Callable[[], bool], node: subprocess.Popen, log: Path, what: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert node.poll() is None, f"ray start exited ({node.returncode}):\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{what}: not there after {timeout} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def _train_files(run: RunDir, name: str) -> list[Any]:
+    """The JSON files `name` of the train stage's Ray Train run in the run's storage so far (a checkpoint's loop
+    state, `trainer_state.json`, or the controller's `checkpoint_manager_snapshot.json`)."""
+    selector = pafs.FileSelector(run.path(CHECKPOINTS), recursive=True, allow_not_found=True)
+    found = []
+    for info in run.fs.get_file_info(selector):
+        if f"/{CHECKPOINTS}/{TRAIN}-" in info.path and info.path.endswith(f"/{name}"):
+            with contextlib.suppress(OSError), run.fs.open_input_stream(info.path) as file:  # deleted: 2 kept
+                found.append(json.loads(file.read()))
+    return found
+
+
+def _jit_checkpoint_registered(run: RunDir) -> bool:
+    """Whether the just-in-time checkpoint is stored AND Ray Train's controller took its report (its snapshot's
+    latest checkpoint is that step or later): only then does a restart resume from it."""
+    jit = [step for state in _train_files(run, STATE_FILE) for step in state.get("preemption_checkpoints", [])]
+    snapshots = _train_files(run, "checkpoint_manager_snapshot.json")
+    latest = [s["latest_checkpoint_result"]["metrics"]["step"] for s in snapshots if s.get("latest_checkpoint_result")]
+    return bool(jit and latest and max(latest) >= min(jit))
+
+
+def _wait_while_running(cluster: Cluster, job_id: str, done: Callable[[], bool], what: str, timeout: float) -> None:
+    """Poll `done` until it holds; fail when the job ends first or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        status = (_jobs_api(cluster.url, cluster.token, job_id)[1] or {}).get("status")
+        assert status in ("PENDING", "RUNNING"), f"the job ended ({status}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.3)
+
+
+def _preempt_the_train_node(cluster: Cluster, run: RunDir, job_id: str) -> subprocess.Popen:
+    """Once train's worker is up (depth is done, so sft's are gone): drain its node for preemption, as Ray's
+    autoscaler does when a spot instance gets its reclaim notice; once the just-in-time checkpoint is stored, kill
+    the node. Returns the node killed."""
+
+    def train_worker() -> list[dict[str, Any]]:
+        return (
+            _listed(cluster, "actors", class_name="RayTrainWorker", state="ALIVE")
+            if run.exists(DEPTH, MANIFEST)
+            else []
+        )
+
+    _wait_while_running(cluster, job_id, lambda: bool(train_worker()), "train worker", timeout=420)
+    (worker,) = train_worker()
+    (node,) = [n for n in cluster.workers if worker["pid"] in {p.pid for p in _node_processes(n)}]
+    cluster.ray(
+        "drain-node",
+        "--address",
+        cluster.gcs,
+        "--node-id",
+        worker["node_id"],
+        "--reason",
+        "DRAIN_NODE_REASON_PREEMPTION",
+        "--reason-message",
+        "spot reclaim (test)",
+        "--deadline-remaining-seconds",
+        "30",
+    )
+    _wait_while_running(cluster, job_id, lambda: _jit_checkpoint_registered(run), "just-in-time checkpoint", 30)
+    _kill_node(node)
+    return node
+
+
+def _wait_for_job(cluster: Cluster, job_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = _jobs_api(cluster.url, cluster.token, job_id)[1] or {}
+        if job.get("status") in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} not done after {timeout} s: {job}"
+        time.sleep(1)
+
+
+def _selected_pair_ids(fs: pafs.FileSystem, path: str) -> list[str]:
+    return sorted(pads.dataset(path, filesystem=fs).to_table(columns=["pair_id"])["pair_id"].to_pylist())
+
+
+def _counts(manifest: dict[str, Any]) -> tuple[int, int, int]:
+    return manifest["rows_in"], manifest["rows_out"], manifest["rows_quarantined"]
+
+
+def test_the_pipeline_job_on_three_nodes_with_s3_storage_survives_a_preempted_worker_node(
+    cluster: Cluster, s3: str, tiny_run, tmp_path: Path
+):
+    """`ray job submit` of the tiny pipeline (train made longer) to a CPU-free head and two worker nodes that see
+    neither the driver's disk nor each other's, the run directory on the loopback S3 server. During train the node
+    of its worker is drained for preemption, then killed: the loop saves a just-in-time checkpoint, Ray Train
+    restarts the worker on the other node, it resumes, and the job succeeds with the same selected pairs, counts,
+    training metrics and win rates as the same config run locally in one process."""
+    assert _jobs_api(cluster.url, None)[0] in (401, 403)  # no token, no Jobs API
+    job_id = f"raybpo-test-{uuid.uuid4().hex[:8]}"
+    run = RunDir(f"{s3}/cluster-{job_id}")
+    cluster.ray(
         "job",
         "submit",
-        *address,
+        "--address",
+        cluster.url,
         "--submission-id",
-        submission_id,
+        job_id,
+        "--no-wait",
         "--working-dir",
         str(ROOT),
         "--runtime-env",
@@ -260,24 +465,45 @@ def test_ray_job_submit_runs_the_pipeline_on_a_token_authenticated_head(token_he
         "jobs/run_pipeline.py",
         *TINY_RUN,
         "--run-dir",
-        str(run_dir),
-    ]
+        run.uri,
+        *LONGER_TRAIN,
+    )
     try:
-        result = subprocess.run(submit, env=token_head.env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        subprocess.run([ray, "job", "stop", *address, submission_id], env=token_head.env, timeout=60)
+        killed = _preempt_the_train_node(cluster, run, job_id)
+        # While the job recovers and finishes: the same config locally, in one process (train and evaluate on a
+        # copy of the session's tiny run).
+        local = tiny_run.copy(tmp_path / "local", TRAIN, EVALUATE, "report")
+        assert main(["run", "--config", str(TINY), "--run-dir", str(local), *LONGER_TRAIN]) == 0
+        job = _wait_for_job(cluster, job_id, timeout=300)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            cluster.ray("job", "stop", "--address", cluster.url, job_id)
         raise
-    _, job = _jobs_api(token_head.url, token_head.token, submission_id)
-    assert result.returncode == 0 and (job or {}).get("status") == "SUCCEEDED", f"{job}\n{result.stdout[-6000:]}"
-    assert result.stdout.count("up to date, skipped") == len(TINY_STAGES) - 1, result.stdout[-6000:]
-    assert "evaluate: done" in result.stdout, result.stdout[-6000:]
+    logs = cluster.ray("job", "logs", "--address", cluster.url, job_id)
+    (tmp_path / "job.log").write_text(logs)
+    assert job["status"] == "SUCCEEDED", f"{job}\n{logs[-6000:]}"
+    assert killed.poll() is not None and _alive_nodes(cluster) == 2
 
-    manifest = json.loads((run_dir / "ingest" / "manifest.json").read_text())
-    assert manifest["rows_out"] == 3 * 40 and manifest["rows_quarantined"] == 0
-    evaluation = json.loads((run_dir / "evaluate" / "manifest.json").read_text())
-    assert 0.0 <= evaluation["win_rate"] <= 1.0 and (run_dir / "report" / "report.md").is_file()
-    # The job ran the uploaded checkout: jobs/ is there, the venv and local runs are not.
-    packages = token_head.temp_dir / "ray" / "session_latest" / "runtime_resources" / "working_dir_files"
-    (uploaded,) = [p for p in packages.glob("_ray_pkg_*") if p.is_dir()]
-    assert (uploaded / "jobs" / "run_pipeline.py").is_file()
-    assert not (uploaded / ".venv").exists() and not (uploaded / "runs").exists()
+    train = run.read_json(f"{TRAIN}/manifest.json")
+    (jit,) = train["restarts"]["preemption_checkpoints"]
+    (resumed,) = train["restarts"]["resumed_from"]
+    assert resumed >= jit, train["restarts"]  # from the just-in-time checkpoint, or a later one taken before the kill
+    for stage in TINY_STAGES:
+        reference = local if stage in (TRAIN, EVALUATE) else tiny_run.path
+        expected = json.loads((reference / stage / "manifest.json").read_text())
+        got = run.read_json(f"{stage}/manifest.json")
+        assert _counts(got) == _counts(expected), stage
+        assert got.get("final_metrics") == expected.get("final_metrics"), stage
+    assert _selected_pair_ids(run.fs, run.path(DEPTH, "selections", "bpo")) == _selected_pair_ids(
+        pafs.LocalFileSystem(), str(tiny_run.path / DEPTH / "selections" / "bpo")
+    )
+    remote_eval, local_eval = (
+        run.read_json(f"{EVALUATE}/manifest.json"),
+        json.loads((local / EVALUATE / "manifest.json").read_text()),
+    )
+    assert remote_eval["policies"] == local_eval["policies"]
+    assert run.exists("report", "report.md")
+    # The models were fetched into the surviving node's own cache (its /tmp, seen through one of its processes).
+    (survivor,) = [n for n in cluster.workers if n is not killed]
+    cache = Path(f"/proc/{survivor.pid}/root/tmp/raybpo-model-cache")
+    assert any((folder / COMPLETE).exists() for folder in cache.iterdir())

@@ -34,7 +34,12 @@ class LoopConfig(Section):
         1, ge=1, description="CPUs each Ray Train worker reserves (and torch threads it uses on CPU)."
     )
     use_gpu: bool = False
-    max_failures: int = Field(2, ge=0, description="Worker-group restarts before the run fails.")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts after a worker error before the run fails.")
+    max_preemption_failures: int = Field(
+        20,
+        ge=-1,
+        description="Restarts after a node preemption (a spot reclaim), counted apart from max_failures; -1: no limit.",
+    )
     log_every: int = Field(10, ge=1, description="Steps between console lines.")
 
     @model_validator(mode="after")

@@ -210,7 +210,7 @@ def train_policy(
         counts["eval"] > 0,
         folders=folders,
         metrics=training_metrics(stage),
-        tensorboard_dir=run_dir.path(*tensorboard(stage)) if run_dir.is_local() else None,
+        tensorboard=run_dir.uri_of(*tensorboard(stage)),
         callbacks=ctx.callbacks,
     )
     return prepared_stage_counts(

@@ -28,15 +28,18 @@ from raybpo.train.loop import Recipe, fit
 
 @dataclass(frozen=True)
 class Trained:
-    """A finished and exported run: its metric history and the recipe's row counts (`Recipe.counts`)."""
+    """A finished and exported run: its metric history, the recipe's row counts (`Recipe.counts`), and the
+    restarts it survived (`train_loop`'s `resumed_from` and `preemption_checkpoints` steps)."""
 
     history: list[dict[str, Any]]
     counts: dict[str, int]
+    restarts: dict[str, list[int]]
 
     def final(self, names: Collection[str]) -> dict[str, Any]:
-        """The manifest's `steps` and `final_metrics` (those of `names`): the last logged step's."""
+        """The manifest's `steps`, `final_metrics` (those of `names`: the last logged step's) and `restarts`."""
         last = self.history[-1] if self.history else {}
-        return {"steps": last.get("step"), "final_metrics": {k: v for k, v in last.items() if k in names}}
+        final_metrics = {k: v for k, v in last.items() if k in names}
+        return {"steps": last.get("step"), "final_metrics": final_metrics, "restarts": self.restarts}
 
 
 def best_checkpoint(result, has_eval: bool):
@@ -85,12 +88,12 @@ def fit_and_export(
     *,
     folders: Mapping[Parts, bool],
     metrics: Parts,
-    tensorboard_dir: str | None = None,
+    tensorboard: str | None = None,
     callbacks: Sequence[Any] = (),
 ) -> Trained:
     """`fit` (its arguments), then the best checkpoint exported by `export_best` to the run-directory locations
     `folders` (value True: merged); the metric history goes to `metrics` as JSON lines."""
-    result = fit(name, factory, loop_cfg, seed, storage, has_eval, tensorboard_dir, callbacks)
+    result = fit(name, factory, loop_cfg, seed, storage, has_eval, tensorboard, callbacks)
     export = ray.remote(export_best).options(
         num_cpus=loop_cfg.cpus_per_worker,
         num_gpus=1 if loop_cfg.use_gpu else 0,
@@ -99,9 +102,11 @@ def fit_and_export(
     )
     checkpoint = best_checkpoint(result, has_eval)
     counts = ray.get(export.remote(factory, checkpoint, run_dir.uri, dict(folders), loop_cfg.use_gpu))
-    history = result.return_value["history"]
-    run_dir.write_bytes(relpath(metrics), metrics_jsonl(history))
-    return Trained(history, counts)
+    returned = result.return_value
+    run_dir.write_bytes(relpath(metrics), metrics_jsonl(returned["history"]))
+    return Trained(
+        returned["history"], counts, {key: returned[key] for key in ("resumed_from", "preemption_checkpoints")}
+    )
 
 
 def prepared_stage_counts(

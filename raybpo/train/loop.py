@@ -5,6 +5,11 @@ every stage needs: DDP (gloo on CPU, NCCL on GPU), gradient accumulation, AdamW 
 cosine decay, gradient clipping, bf16 autocast on GPU, a non-finite-loss guard, evaluation,
 checkpoints through `ray.train.report`, resume, metrics on the console and in TensorBoard.
 
+Spot preemption: after every optimizer step all workers ask `ray.train.get_preemption_info()` (one collective);
+once Ray says a node of the group is being reclaimed, the loop saves a just-in-time checkpoint and trains on,
+and Ray Train restarts the group from it when the node is gone (`max_preemption_failures` times, counted apart
+from `max_failures`).
+
 Exact multi-worker behaviour. The data plan is a pure function of (seed, epoch): length-bucketed
 GLOBAL micro-batches of `micro_batch_size * num_workers` rows, `batch_size / that` of them per
 optimizer step; worker r takes slice r of each. One worker with micro-batch `m * W` therefore sees
@@ -19,6 +24,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -34,6 +40,7 @@ from torch import nn
 
 from raybpo.config import LoopConfig
 from raybpo.models.logps import length_bucketed_batches
+from raybpo.rundir import RunDir
 from raybpo.train.checkpoint import Checkpointer
 
 if TYPE_CHECKING:
@@ -234,9 +241,40 @@ def optimizer_step(
     return StepOutcome(finite, grad_norm, step_metrics)
 
 
+class TensorBoard:
+    """Rank 0's TensorBoard event files in the run-directory folder `uri`: written there when it is local, else
+    into a folder on this node that is uploaded at every checkpoint and at the end (event files are named by host,
+    process and time, so a restarted group adds its own beside the earlier ones)."""
+
+    def __init__(self, uri: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.target = RunDir(uri)
+        self.folder = self.target.root if self.target.is_local() else tempfile.mkdtemp(prefix="raybpo-tensorboard-")
+        os.makedirs(self.folder, exist_ok=True)
+        self.writer = SummaryWriter(self.folder)
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            if name != "step" and math.isfinite(value):
+                self.writer.add_scalar(name, value, step)
+
+    def sync(self) -> None:
+        self.writer.flush()
+        if not self.target.is_local():
+            self.target.upload_dir(self.folder)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.sync()
+        if not self.target.is_local():
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @dataclass
 class WorkerRun:
-    """One worker's training run: its recipe, optimizer and plan, the loop state, the TensorBoard writer on rank 0."""
+    """One worker's training run: its recipe, optimizer and plan, the loop state, TensorBoard on rank 0, and
+    whether this attempt already saved its just-in-time checkpoint for a preemption."""
 
     name: str
     cfg: LoopConfig
@@ -245,7 +283,8 @@ class WorkerRun:
     opt: Optimization
     plan: list[list[list[int]]]
     state: dict[str, Any]
-    writer: Any = None
+    tensorboard: TensorBoard | None = None
+    saved_for_preemption: bool = False
 
     @classmethod
     def start(cls, config: dict[str, Any]) -> WorkerRun:
@@ -268,11 +307,18 @@ class WorkerRun:
         plan = recipe.plan(cfg, seed)
         if not plan:
             raise ValueError(f"no full optimizer step: fewer training rows than batch_size={cfg.batch_size}")
-        state = {"step": 0, "bad_steps": 0, "best_eval_loss": None, "history": [], "resumed_from": []}
+        state = {
+            "step": 0,
+            "bad_steps": 0,
+            "best_eval_loss": None,
+            "history": [],
+            "resumed_from": [],
+            "preemption_checkpoints": [],
+        }
         run = cls(config["name"], cfg, workers, recipe, Optimization.build(model, cfg, len(plan)), plan, state)
         run.resume(ray.train.get_checkpoint())
-        if workers.rank == 0:
-            run.writer = _tensorboard(config.get("tensorboard_dir"))
+        if workers.rank == 0 and config.get("tensorboard"):
+            run.tensorboard = TensorBoard(config["tensorboard"])
         return run
 
     def resume(self, checkpoint) -> None:
@@ -284,6 +330,7 @@ class WorkerRun:
             self.state = Checkpointer.load(
                 Path(directory), self.recipe, unwrap(opt.model), opt.optimizer, opt.scheduler, self.workers.rank
             )
+        self.state.setdefault("preemption_checkpoints", [])  # absent in checkpoints of raybpo before 0.2
         self.state["resumed_from"].append(self.state["step"])
         self.announce(f"resumed from step {self.state['step']} of {len(self.plan)}")
 
@@ -308,10 +355,8 @@ class WorkerRun:
         import ray.train
 
         step, cfg = self.state["step"], self.cfg
-        if self.writer is not None:
-            for name, value in metrics.items():
-                if name != "step" and math.isfinite(value):
-                    self.writer.add_scalar(name, value, step)
+        if self.tensorboard is not None:
+            self.tensorboard.add(metrics, step)
         checkpointing = step % cfg.checkpoint_every == 0 or step == len(self.plan)
         if checkpointing and self.recipe.num_eval:
             metrics["eval_loss"] = evaluate(self.recipe, self.opt.model, self.workers, cfg.micro_batch_size)
@@ -323,22 +368,48 @@ class WorkerRun:
             if self.workers.rank == 0:
                 print(_console_line(self.name, step, len(self.plan), metrics), flush=True)
         if checkpointing:
-            with tempfile.TemporaryDirectory() as tmp:
-                directory, opt = Path(tmp), self.opt
-                if self.workers.rank == 0:
-                    model = unwrap(opt.model)
-                    Checkpointer.save(directory, self.recipe, model, opt.optimizer, opt.scheduler, self.state)
-                Checkpointer.save_rng(directory, self.workers.rank)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            self.checkpoint(metrics)
         elif logging_step:
             ray.train.report(metrics)
+
+    def checkpoint(self, metrics: dict[str, float]) -> None:
+        """Report `metrics` with a checkpoint of this worker's state (weights and optimizer from rank 0)."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            directory, opt = Path(tmp), self.opt
+            if self.workers.rank == 0:
+                Checkpointer.save(directory, self.recipe, unwrap(opt.model), opt.optimizer, opt.scheduler, self.state)
+            Checkpointer.save_rng(directory, self.workers.rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if self.tensorboard is not None:
+            self.tensorboard.sync()
+
+    def checkpoint_if_preempted(self, metrics: dict[str, float]) -> None:
+        """The just-in-time checkpoint: once Ray reports that a node of this group is being preempted (every
+        worker asks, one collective per step), checkpoint now, once per attempt, and train on. Its eval loss is
+        NaN (not evaluated, to fit the reclaim notice), so it is never the best checkpoint, only the latest."""
+        import ray.train
+
+        if self.saved_for_preemption or self.state["step"] == len(self.plan):
+            return
+        notice = ray.train.get_preemption_info()
+        if notice is None:
+            return
+        self.saved_for_preemption = True
+        self.state["preemption_checkpoints"].append(self.state["step"])
+        self.announce(
+            f"node(s) {', '.join(notice.preempted_node_ids)} being preempted: checkpoint at step {self.state['step']}"
+        )
+        self.checkpoint({**metrics, "eval_loss": float("nan")} if self.recipe.num_eval else metrics)
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, list]:
     """`train_loop_per_worker` of the TorchTrainer: config = {"recipe": factory, "loop": ..., "seed": ...}.
 
     Returns {"history": the metrics of every logged and checkpointed step, "resumed_from": the step of
-    each checkpoint the run resumed from}; both live in the checkpoints, so a resumed run returns all.
+    each checkpoint the run resumed from, "preemption_checkpoints": the steps of its just-in-time checkpoints};
+    all live in the checkpoints, so a resumed run returns all.
     """
     quiet_report_lines()
     run = WorkerRun.start(config)
@@ -351,10 +422,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, list]:
             run.announce(f"step {step + 1}: non-finite loss or gradient, skipped")
         state["step"] = step + 1
         rows_done += sum(len(b) for b in run.plan[step])
-        run.record(run.step_metrics(outcome, rows_done, started))
-    if run.writer is not None:
-        run.writer.close()
-    return {"history": state["history"], "resumed_from": state["resumed_from"]}
+        metrics = run.step_metrics(outcome, rows_done, started)
+        run.record(metrics)
+        run.checkpoint_if_preempted(metrics)
+    if run.tensorboard is not None:
+        run.tensorboard.close()
+    return {key: state[key] for key in ("history", "resumed_from", "preemption_checkpoints")}
 
 
 @torch.no_grad()
@@ -379,15 +452,6 @@ def _console_line(name: str, step: int, total: int, metrics: dict[str, float]) -
     return f"[{name}] step {step}/{total} " + " ".join(parts)
 
 
-def _tensorboard(directory: str | None):
-    if not directory:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    os.makedirs(directory, exist_ok=True)
-    return SummaryWriter(directory)
-
-
 def fit(
     name: str,
     recipe_factory: Callable[[], Recipe],
@@ -395,10 +459,11 @@ def fit(
     seed: int,
     storage: str,
     has_eval: bool,
-    tensorboard_dir: str | None = None,
+    tensorboard: str | None = None,
     callbacks: Sequence[Any] = (),
 ):
-    """Run `train_loop` on a TorchTrainer; the run `name` under `storage` is where a rerun resumes from.
+    """Run `train_loop` on a TorchTrainer; the run `name` under `storage` is where a rerun resumes from, and
+    rank 0 writes TensorBoard event files to the run-directory folder (URI) `tensorboard`.
 
     Keeps the best two checkpoints by eval loss (the latest two without an eval split). `callbacks` are Ray
     Train `UserCallback`s for the run, passed down by the stage from its `StageContext` (a `raybpo tune` trial's
@@ -418,7 +483,7 @@ def fit(
             "recipe": recipe_factory,
             "loop": loop_cfg.model_dump(mode="json", include=set(LoopConfig.model_fields)),
             "seed": seed,
-            "tensorboard_dir": tensorboard_dir,
+            "tensorboard": tensorboard,
         },
         scaling_config=ScalingConfig(
             num_workers=loop_cfg.num_workers,
@@ -428,7 +493,9 @@ def fit(
         run_config=RunConfig(
             name=name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=loop_cfg.max_failures),
+            failure_config=FailureConfig(
+                max_failures=loop_cfg.max_failures, max_preemption_failures=loop_cfg.max_preemption_failures
+            ),
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(

@@ -161,7 +161,7 @@ def run_sft(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
             counts["eval"] > 0,
             folders={SFT_MODEL: cfg.sft.lora},  # LoRA merged: a full model either way
             metrics=training_metrics(STAGE),
-            tensorboard_dir=run_dir.path(*tensorboard(STAGE)) if run_dir.is_local() else None,
+            tensorboard=run_dir.uri_of(*tensorboard(STAGE)),
             callbacks=ctx.callbacks,
         )
         return prepared_stage_counts(
