@@ -1,4 +1,5 @@
-"""Connecting to Ray: the one place that calls `ray.init`; how a table is cut into blocks for an actor pool."""
+"""Connecting to Ray: the one place that calls `ray.init`; Ray Data actor pools of a configured size, and how a
+table is cut into blocks for one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import threading
 import pyarrow as pa
 import ray
 
-from raybpo.config import RayConfig
+from raybpo.config import PoolSize, RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,21 @@ def _start_or_join(cfg: RayConfig) -> None:
     log.info("Ray resources: %s", ray.cluster_resources())
 
 
-def actor_blocks(table: pa.Table, batch_size: int, concurrency: int) -> list[pa.Table]:
+def actor_pool(size: PoolSize) -> ray.data.ActorPoolStrategy:
+    """Ray Data's actor pool of a configured size: N actors, or from MIN up to MAX, which Ray Data adds while work
+    queues up (and the autoscaler adds nodes for, when the pool asks for more than the cluster has)."""
+    if isinstance(size, int):
+        return ray.data.ActorPoolStrategy(size=size)
+    return ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1])
+
+
+def max_actors(size: PoolSize) -> int:
+    return size if isinstance(size, int) else size[1]
+
+
+def actor_blocks(table: pa.Table, batch_size: int, concurrency: PoolSize) -> list[pa.Table]:
     """`table` cut into blocks of whole batches of `batch_size` rows, about BLOCKS_PER_ACTOR blocks for every actor
-    of a pool of `concurrency`, so every actor gets work and a slow block holds up little."""
+    the pool of `concurrency` may have, so every actor gets work and a slow block holds up little."""
     batches = -(-table.num_rows // batch_size)
-    rows = batch_size * max(1, -(-batches // (concurrency * BLOCKS_PER_ACTOR)))
+    rows = batch_size * max(1, -(-batches // (max_actors(concurrency) * BLOCKS_PER_ACTOR)))
     return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]

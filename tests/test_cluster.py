@@ -59,6 +59,8 @@ TINY_STAGES = load_config(TINY).stages
 # Train long enough (32 steps, a checkpoint every 2) for a node to be preempted while it runs: Ray's preemption
 # watcher starts with the worker group and the drain request takes a few seconds.
 LONGER_TRAIN = ["train.epochs=8"]
+# On the cluster only: the actor pools autoscale (1 to 2 actors); the results must not change.
+AUTOSCALING_POOLS = [f"{section}.concurrency=[1,2]" for section in ("breadth", "generate", "depth")]
 
 
 # ----------------------------------------------------------------------------- cluster.yaml
@@ -440,11 +442,12 @@ def _counts(manifest: dict[str, Any]) -> tuple[int, int, int]:
 def test_the_pipeline_job_on_three_nodes_with_s3_storage_survives_a_preempted_worker_node(
     cluster: Cluster, s3: str, tiny_run, tmp_path: Path
 ):
-    """`ray job submit` of the tiny pipeline (train made longer) to a CPU-free head and two worker nodes that see
-    neither the driver's disk nor each other's, the run directory on the loopback S3 server. During train the node
-    of its worker is drained for preemption, then killed: the loop saves a just-in-time checkpoint, Ray Train
-    restarts the worker on the other node, it resumes, and the job succeeds with the same selected pairs, counts,
-    training metrics and win rates as the same config run locally in one process."""
+    """`ray job submit` of the tiny pipeline (train made longer, actor pools autoscaling) to a CPU-free head and
+    two worker nodes that see neither the driver's disk nor each other's, the run directory on the loopback S3
+    server. During train the node of its worker is drained for preemption, then killed: the loop saves a
+    just-in-time checkpoint, Ray Train restarts the worker on the other node, it resumes, and the job succeeds
+    with the same selected pairs, counts, training metrics and win rates as the same config run locally in one
+    process (fixed pools of one actor)."""
     assert _jobs_api(cluster.url, None)[0] in (401, 403)  # no token, no Jobs API
     job_id = f"raybpo-test-{uuid.uuid4().hex[:8]}"
     run = RunDir(f"{s3}/cluster-{job_id}")
@@ -467,6 +470,7 @@ def test_the_pipeline_job_on_three_nodes_with_s3_storage_survives_a_preempted_wo
         "--run-dir",
         run.uri,
         *LONGER_TRAIN,
+        *AUTOSCALING_POOLS,
     )
     try:
         killed = _preempt_the_train_node(cluster, run, job_id)

@@ -66,3 +66,22 @@ def test_section_hash_depends_only_on_its_sections():
     assert base.section_hash("ingest") == other_train.section_hash("ingest")
     assert base.section_hash("train") != other_train.section_hash("train")
     assert base.section_hash("ingest") != load_config(None, ["seed=1"]).section_hash("ingest")
+
+
+def test_actor_pools_are_a_fixed_size_or_autoscale_between_min_and_max():
+    import pyarrow as pa
+    import ray.data
+
+    from raybpo.cluster import actor_blocks, actor_pool
+
+    cfg = load_config(None, ["generate.concurrency=[1, 4]", "depth.concurrency=3"])
+    assert cfg.generate.concurrency == (1, 4) and cfg.depth.concurrency == 3
+    autoscaling, fixed = actor_pool(cfg.generate.concurrency), actor_pool(cfg.depth.concurrency)
+    assert isinstance(autoscaling, ray.data.ActorPoolStrategy)
+    assert (autoscaling.min_size, autoscaling.max_size) == (1, 4) and fixed.min_size == fixed.max_size == 3
+    for bad in ("[3, 2]", "[0, 2]", "0"):
+        with pytest.raises(ConfigError, match=r"generate\.concurrency: .*N actors"):
+            load_config(None, [f"generate.concurrency={bad}"])
+    # blocks are cut for the most actors the pool may have
+    table = pa.table({"x": list(range(64))})
+    assert len(actor_blocks(table, 2, (1, 4))) == len(actor_blocks(table, 2, 4)) == 16

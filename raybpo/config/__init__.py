@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
-from raybpo.config.base import ConfigError, Section, dotted
+from raybpo.config.base import POOL_HELP, ConfigError, PoolSize, Section, dotted
 from raybpo.config.data import FORMATS, BenchmarkConfig, IngestConfig, SourceSpec
 from raybpo.config.models import GenerateConfig, JudgeConfig, PolicyConfig, TinyModelConfig
 from raybpo.config.selection import BreadthConfig, DepthConfig, ScoreConfig
@@ -45,6 +45,7 @@ __all__ = [
     "JudgeConfig",
     "LoopConfig",
     "PolicyConfig",
+    "PoolSize",
     "RayConfig",
     "RewardConfig",
     "ScoreConfig",
@@ -119,7 +120,7 @@ class EvaluateConfig(Section):
     max_new_tokens: int = Field(64, ge=1)
     max_prompt_length: int | None = Field(None, ge=1, description="Prompt tokens kept (the end); None: all.")
     batch_size: int = Field(16, ge=1, description="Responses sampled per generation batch.")
-    concurrency: int = Field(1, ge=1, description="Generation actor pool size.")
+    concurrency: PoolSize = Field(1, description=f"Generation {POOL_HELP}.")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs per generation actor (its torch threads on CPU).")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per generation actor.")
     variants: dict[str, VariantSpec] = Field(

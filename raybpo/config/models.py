@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from raybpo.config.base import Section
+from raybpo.config.base import POOL_HELP, PoolSize, Section
 
 
 class TinyModelConfig(Section):
@@ -40,7 +40,7 @@ class GenerateConfig(Section):
         None, ge=1, description="Prompt tokens kept (the END, as training truncates); None: the whole prompt."
     )
     batch_size: int = Field(16, ge=1)
-    concurrency: int = Field(1, ge=1)
+    concurrency: PoolSize = Field(1, description=f"Generation {POOL_HELP} (vLLM: engine replicas).")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs per generation actor (its torch threads on CPU).")
     num_gpus: float = Field(0.0, ge=0.0)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments.")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raybpo.config.base import Section
+from raybpo.config.base import POOL_HELP, PoolSize, Section
 from raybpo.config.models import JudgeConfig
 
 
@@ -17,7 +17,7 @@ class BreadthConfig(Section):
     prompts_per_cluster: int = Field(50, ge=1)
     eta: float = Field(0.10, gt=0.0, le=1.0, description="eta_b: kept share of every cluster.")
     batch_size: int = Field(256, ge=1)
-    concurrency: int = Field(1, ge=1, description="Embedding actor pool size.")
+    concurrency: PoolSize = Field(1, description=f"Embedding {POOL_HELP}.")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs per embedding actor (its torch threads on CPU).")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per embedding actor.")
 
@@ -50,7 +50,7 @@ class DepthConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="LESS-style DPO warm-up steps of the adapter before features.")
     warmup_lr: float = Field(1e-4, gt=0.0)
     adam_preconditioning: bool = Field(False, description="LESS's Adam features from the warm-up's optimizer state.")
-    concurrency: int = Field(1, ge=1, description="Gradient-feature actors.")
+    concurrency: PoolSize = Field(1, description=f"Gradient-feature {POOL_HELP}.")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs per gradient-feature actor (its torch threads on CPU).")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per gradient-feature actor.")
 

@@ -41,7 +41,7 @@ from raybpo.artifacts import (
     ingested_pairs,
     relpath,
 )
-from raybpo.cluster import actor_blocks, init_ray
+from raybpo.cluster import actor_blocks, actor_pool, init_ray
 from raybpo.config import BreadthConfig, Config
 from raybpo.rundir import (
     NO_CONTEXT,
@@ -130,7 +130,7 @@ def embed_prompts(texts: list[str], cfg: BreadthConfig) -> np.ndarray:
         },
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        compute=actor_pool(cfg.concurrency),
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
         udf_modifying_row_count=False,

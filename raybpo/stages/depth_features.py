@@ -16,7 +16,7 @@ import ray
 import safetensors.torch
 import torch
 
-from raybpo.cluster import actor_blocks
+from raybpo.cluster import actor_blocks, actor_pool
 from raybpo.config import Config, DepthConfig, PolicyConfig, TrainConfig
 from raybpo.models.gradients import (
     adam_precondition,
@@ -169,7 +169,7 @@ def compute_features(pairs: pa.Table, reference: str, cfg: Config, warmup: bytes
         },
         batch_format="pyarrow",
         batch_size=blocks[0].num_rows,  # one batch per block (the first block is a whole one)
-        compute=ray.data.ActorPoolStrategy(size=depth.concurrency),
+        compute=actor_pool(depth.concurrency),
         num_cpus=depth.num_cpus,
         num_gpus=depth.num_gpus,
         udf_modifying_row_count=False,

@@ -54,7 +54,7 @@ from raybpo.artifacts import (
     relpath,
     trained_pairs,
 )
-from raybpo.cluster import init_ray
+from raybpo.cluster import actor_pool, init_ray
 from raybpo.config import Config, ConfigError, GenerateConfig, variant_stage
 from raybpo.data.schema import prompt_key
 from raybpo.data.splits import split_of
@@ -203,7 +203,7 @@ def sample_all(cfg: Config, models: list[tuple[str, str]], prompts: list[str]) -
         },
         batch_format="pyarrow",
         batch_size=max(1, sampling.batch_size // sampling.n),
-        compute=ray.data.ActorPoolStrategy(size=sampling.concurrency),
+        compute=actor_pool(sampling.concurrency),
         num_cpus=sampling.num_cpus,
         num_gpus=sampling.num_gpus,
     )

@@ -36,7 +36,7 @@ from raybpo.artifacts import (
     read_table,
     reference_model,
 )
-from raybpo.cluster import init_ray
+from raybpo.cluster import actor_pool, init_ray, max_actors
 from raybpo.config import Config, GenerateConfig, PolicyConfig
 from raybpo.data.schema import CANDIDATE_SCHEMA, prompt_key, stored_response
 from raybpo.models.generation import HfGenerator, prompt_token_ids, sample_seed
@@ -148,7 +148,7 @@ def vllm_request_dataset(prompts: Dataset, model: str, policy: PolicyConfig, cfg
         },
         batch_format="pyarrow",
         batch_size=max(1, cfg.batch_size // cfg.n),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.concurrency),
+        compute=actor_pool((1, max_actors(cfg.concurrency))),
     )
 
 
@@ -238,7 +238,7 @@ def run_generate(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
                 },
                 batch_format="pyarrow",
                 batch_size=max(1, cfg.generate.batch_size // cfg.generate.n),
-                compute=ray.data.ActorPoolStrategy(size=cfg.generate.concurrency),
+                compute=actor_pool(cfg.generate.concurrency),
                 num_cpus=cfg.generate.num_cpus,
                 num_gpus=cfg.generate.num_gpus,
             )
