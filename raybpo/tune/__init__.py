@@ -13,10 +13,11 @@ finishes (or skips, when done) every stage before the first planned stage that r
 graph's `Step.reads_key`: the config sections a stage hashes, for a variant `train-<name>` also
 `evaluate.variants.<name>`; `seed` is read by all). A trial's run directory then starts with copies of the main
 run's finished stages that the trial's config leaves up to date: the longest prefix of the planned stages whose
-manifest hash equals the one the trial's config gives (hard links on a local run dir, copies through pyarrow
-otherwise; the manifest last). The pipeline skips those and runs the rest, the tail. The manifests decide, so
-a tail can start before a key's own stage: depth records train's LoRA and length settings among its inputs
-(its gradient features use them), so a `train.lora_rank` sweep redoes depth while a `train.beta0` one starts
+manifest hash equals the one the trial's config gives (hard links on a local run dir, the object store's own
+copy within one (S3 CopyObject), else copies through pyarrow; the manifest last). The pipeline skips those and
+runs the rest, the tail. The manifests decide, so a tail can start before a key's own stage: depth records
+train's LoRA and length settings among its inputs (its gradient features use them), so a `train.lora_rank`
+sweep redoes depth while a `train.beta0` one starts
 at train.
 
 Early stopping: with `tune.early_stop_metric` (default eval_loss, mode `early_stop_mode`) ASHA compares the

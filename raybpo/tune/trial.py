@@ -29,11 +29,13 @@ def copy_stage(source: RunDir, target: RunDir, stage: str) -> None:
     """Copy a finished stage folder, its manifest last, so a copy cut short is a partial stage (redone).
 
     Two local run dirs share the files as hard links: a stage never rewrites a finished stage's files (a
-    redo deletes the folder first). Otherwise each file is copied through pyarrow (s3://, gs://, ...).
+    redo deletes the folder first). Within one object store each file is copied by the store itself
+    (`copy_file`: S3's CopyObject, no bytes through this process); across filesystems it streams through pyarrow.
     """
     root = source.path(stage)
     infos = source.fs.get_file_info(pafs.FileSelector(root, recursive=True))
     files = sorted((i.path for i in infos if i.type == pafs.FileType.File), key=lambda p: p.endswith("/" + MANIFEST))
+    same_store = not source.is_local() and source.fs.equals(target.fs)
     for path in files:
         destination = target.path(stage, posixpath.relpath(path, root))
         target.fs.create_dir(posixpath.dirname(destination), recursive=True)
@@ -43,7 +45,10 @@ def copy_stage(source: RunDir, target: RunDir, stage: str) -> None:
                 continue
             except OSError:  # another device, or links unsupported: copy
                 pass
-        pafs.copy_files(path, destination, source_filesystem=source.fs, destination_filesystem=target.fs)
+        if same_store:
+            source.fs.copy_file(path, destination)
+        else:
+            pafs.copy_files(path, destination, source_filesystem=source.fs, destination_filesystem=target.fs)
 
 
 def seed_trial(main: RunDir, cfg: Config) -> list[str]:
