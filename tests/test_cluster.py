@@ -107,6 +107,13 @@ def test_cluster_has_a_cpu_free_head_and_scale_to_zero_gpu_workers_on_demand_and
     assert not any(t["resources"].get("on_demand") for t in _workers(cluster_yaml).values() if _is_spot(t))
 
 
+def test_every_node_boots_a_current_nvidia_driver_ami_not_the_launchers_cuda_11_default(cluster_yaml):
+    """Without an ImageId the launcher boots its old Ubuntu 18.04 Deep Learning AMI (a CUDA 11 driver)."""
+    dlami = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/"
+    images = {name: t["node_config"].get("ImageId", "") for name, t in cluster_yaml["available_node_types"].items()}
+    assert all(image.startswith(dlami) for image in images.values()), images
+
+
 def test_cluster_installs_torch_then_raybpo_gpu_and_starts_ray_with_token_auth(cluster_yaml):
     setup = cluster_yaml["setup_commands"]
     torch_at = next(i for i, cmd in enumerate(setup) if "pip install" in cmd and "torch==2.13.0" in cmd)
