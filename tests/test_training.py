@@ -177,3 +177,12 @@ def test_step_plan_is_the_same_global_batches_for_any_worker_count():
         seed=1,
     )
     assert one == two and len(one) == 6 and all(len(step) == 2 and len(step[0]) == 8 for step in one)
+
+
+def test_the_reference_pass_asks_for_the_gpus_training_will_use_and_tokenising_for_none():
+    from raybpo.train.prepare import encoder_resources
+
+    on_gpus = encoder_resources(reference=True, reference_gpus=8, num_cpus=4)
+    assert on_gpus["num_gpus"] == 1 and (on_gpus["compute"].min_size, on_gpus["compute"].max_size) == (1, 8)
+    for cpu_only in (encoder_resources(True, 0, 4), encoder_resources(False, 8, 4)):
+        assert "num_gpus" not in cpu_only and cpu_only["compute"].max_size == 1 and cpu_only["num_cpus"] == 4

@@ -187,6 +187,7 @@ def train_policy(
         cfg.train.eval_fraction,
         reference=cfg.train.precompute_ref_logps,
         num_cpus=cfg.train.cpus_per_worker,
+        reference_gpus=cfg.train.num_workers if cfg.train.use_gpu else 0,
     )
     factory = functools.partial(
         make_dpo_recipe,

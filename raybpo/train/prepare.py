@@ -11,6 +11,7 @@ its reason, never silently dropped.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,7 @@ import pyarrow.dataset as pads
 import ray
 import torch
 
+from raybpo.cluster import actor_pool
 from raybpo.config import PolicyConfig
 from raybpo.data.splits import split_of
 from raybpo.models.loading import load_causal_lm, load_tokenizer
@@ -52,7 +54,8 @@ REF_BATCH = 16
 
 
 class PairEncoder:
-    """Ray Data actor: pairs -> token ids (+ reference log-probs of the model at `reference`)."""
+    """Ray Data actor: pairs -> token ids (+ reference log-probs of the model at `reference`, on the actor's GPU
+    when Ray gave it one)."""
 
     def __init__(
         self,
@@ -70,8 +73,10 @@ class PairEncoder:
         self.eval_fraction = eval_fraction
         self.examples = examples
         self.model = None
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if reference:
             self.model, self.tokenizer = load_causal_lm(model, policy_cfg)
+            self.model.to(self.device)
         else:
             self.tokenizer = load_tokenizer(model, policy_cfg)
 
@@ -124,10 +129,19 @@ class PairEncoder:
                 [out["rejected_ids"][i] for i in rows],
                 self.tokenizer.pad_token_id,
             )
+            batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
             logps_c, logps_r = pair_logps(self.model, batch)
             for i, c, r in zip(rows, logps_c.tolist(), logps_r.tolist(), strict=True):
                 chosen[i], rejected[i] = c, r
         return chosen, rejected
+
+
+def encoder_resources(reference: bool, reference_gpus: int, num_cpus: float) -> dict[str, Any]:
+    """The encoder pool's Ray Data options: for a reference pass on GPUs, 1 to `reference_gpus` actors of one GPU
+    each; otherwise one actor of `num_cpus` CPUs (tokenising, or the reference pass on CPU)."""
+    if reference and reference_gpus:
+        return {"compute": actor_pool((1, reference_gpus)), "num_gpus": 1, "num_cpus": num_cpus}
+    return {"compute": actor_pool(1), "num_cpus": num_cpus}
 
 
 def prepare(
@@ -142,8 +156,11 @@ def prepare(
     reference: bool,
     examples: bool = False,
     num_cpus: float = 1.0,
+    reference_gpus: int = 0,
 ) -> dict[str, int]:
-    """Encode the pairs at `pairs_uri` into `out_dir` (below the run dir); returns row counts."""
+    """Encode the pairs at `pairs_uri` into `out_dir` (below the run dir); returns row counts. With `reference`
+    and `reference_gpus`, the reference pass runs on up to that many actors of one GPU each (the GPUs the
+    training run will use); else one actor of `num_cpus` CPUs encodes."""
     encoder = functools.partial(
         PairEncoder,
         model=model,
@@ -162,8 +179,7 @@ def prepare(
         fn_constructor_kwargs=encoder.keywords,
         batch_format="pyarrow",
         batch_size=256,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=num_cpus,
+        **encoder_resources(reference, reference_gpus, num_cpus),
     ).materialize()
     encoded.write_parquet(out_dir, filesystem=run_dir.fs)
     table = pads.dataset(out_dir, filesystem=run_dir.fs, format="parquet").to_table(columns=["split", "reason"])
