@@ -17,13 +17,14 @@ import ray
 from conftest import benchmark_with_tiny_llama
 
 from raybpo.artifacts import read_pairs
-from raybpo.config import Config, GenerateConfig, TinyModelConfig
+from raybpo.config import Config, GenerateConfig, JudgeConfig, TinyModelConfig
 from raybpo.data.schema import prompt_key
 from raybpo.models.generation import sample_seed
 from raybpo.models.loading import load_tokenizer
 from raybpo.models.reward import load_reward_model, reward_head
 from raybpo.models.tokenize import encode_prompt
 from raybpo.rundir import RunDir, StageCounts, run_stage
+from raybpo.scoring.pick import make_scorer
 from raybpo.scoring.reward_model import RewardModelScorer
 from raybpo.stages.generate import run_generate, vllm_processor, vllm_request_dataset, vllm_requests
 from raybpo.stages.score import all_pairs, run_score, uniform_pairs
@@ -126,6 +127,10 @@ def test_reward_model_scoring_is_batch_invariant(generated, tmp_path):
     together = scorer(table)["score"].to_pylist()
     alone = [scorer(table.slice(i, 1))["score"].to_pylist()[0] for i in range(len(rows))]
     assert together == pytest.approx(alone, abs=1e-5) and len(set(together)) > 1
+    assert scorer.device.type == "cpu"  # no GPU given: the model runs where Ray placed the actor
+    judge = JudgeConfig()
+    assert make_scorer("reward_model", judge, str(tmp_path / "rm"), "rm", 64, num_gpus=1).num_gpus == 1
+    assert make_scorer("judge", judge, None, "", 64, num_gpus=1).num_gpus == 0  # an HTTP client needs none
 
 
 def test_vllm_backend_builds_its_processor_and_seeded_requests(prepared):

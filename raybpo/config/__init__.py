@@ -122,7 +122,7 @@ class EvaluateConfig(Section):
     batch_size: int = Field(16, ge=1, description="Responses sampled per generation batch.")
     concurrency: PoolSize = Field(1, description=f"Generation {POOL_HELP}.")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs per generation actor (its torch threads on CPU).")
-    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per generation actor.")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per generation actor (and of a reward-model judge).")
     variants: dict[str, VariantSpec] = Field(
         default_factory=dict,
         description="Name -> variant trained as stage `train-<name>` and evaluated beside `train`, e.g. "

@@ -28,6 +28,7 @@ class ScoreConfig(Section):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     pairs: Literal["uniform", "all"] = "uniform"
     min_gap: float = Field(0.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs of the reward-model scoring actor.")
 
 
 class DepthConfig(Section):

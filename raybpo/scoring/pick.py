@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from raybpo.cluster import actor_pool
 from raybpo.config import JudgeConfig
 from raybpo.data import benchmark
 from raybpo.scoring.reward_model import RewardModelScorer
@@ -18,24 +19,30 @@ from raybpo.scoring.scorers import SCORED, JudgeScorer, oracle_batch
 
 @dataclass(frozen=True)
 class Scorer:
-    """A scorer (an actor class, or the oracle's function when `args` is None), its identity and label."""
+    """A scorer (an actor class, or the oracle's function when `args` is None), its identity and label, and the
+    GPUs its actor asks for."""
 
     fn: Any
     args: dict[str, Any] | None
     identity: str
     label: str
+    num_gpus: float = 0.0
 
 
 def make_scorer(
-    kind: str, judge: JudgeConfig, reward_model: str | None, reward_identity: str, max_length: int
+    kind: str,
+    judge: JudgeConfig,
+    reward_model: str | None,
+    reward_identity: str,
+    max_length: int,
+    num_gpus: float = 0.0,
 ) -> Scorer:
-    """The scorer `kind` names (`reward_model`: the local folder `reward_model`, identified by `reward_identity`;
-    `judge`: an LLM judge; `oracle`)."""
+    """The scorer `kind` names (`reward_model`: the model `reward_model`, identified by `reward_identity`, its actor
+    on `num_gpus` GPUs; `judge`: an LLM judge; `oracle`)."""
     if kind == "reward_model":
         args = {"model": reward_model, "max_length": max_length}
-        return Scorer(
-            RewardModelScorer, args, f"{reward_identity}#max_length={max_length}", f"reward model {reward_model}"
-        )
+        identity = f"{reward_identity}#max_length={max_length}"
+        return Scorer(RewardModelScorer, args, identity, f"reward model {reward_model}", num_gpus)
     if kind == "judge":
         settings = judge.model_dump(mode="json")
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -57,7 +64,8 @@ def score_all(dataset: ray.data.Dataset, scorer: Scorer) -> pa.Table:
             fn_constructor_kwargs=scorer.args,
             batch_format="pyarrow",
             batch_size=256,
-            compute=ray.data.ActorPoolStrategy(size=1),
+            compute=actor_pool(1),
+            num_gpus=scorer.num_gpus,
         )
     tables = ray.get(dataset.materialize().to_arrow_refs())
     if scorer.args is None:

@@ -181,7 +181,7 @@ def judge_setup(cfg: Config, run_dir: RunDir) -> Scorer:
         source = judge_model(cfg, run_dir)
         model, identity = source.uri, source.identity
     judge = cfg.evaluate.llm_judge or cfg.score.judge
-    return make_scorer(cfg.evaluate.judge, judge, model, identity, cfg.reward.max_length)
+    return make_scorer(cfg.evaluate.judge, judge, model, identity, cfg.reward.max_length, cfg.evaluate.num_gpus)
 
 
 def sample_all(cfg: Config, models: list[tuple[str, str]], prompts: list[str]) -> ray.data.Dataset:

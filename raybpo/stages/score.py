@@ -118,7 +118,7 @@ def run_score(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
         reward = scorer_model(cfg, run_dir)
         model, identity = reward.uri, reward.identity
         inputs["reward_model"] = identity
-    scorer = make_scorer(cfg.score.scorer, cfg.score.judge, model, identity, cfg.reward.max_length)
+    scorer = make_scorer(cfg.score.scorer, cfg.score.judge, model, identity, cfg.reward.max_length, cfg.score.num_gpus)
 
     def body(stage_path: str) -> StageCounts:
         candidates = ray.data.read_parquet(run_dir.path(*CANDIDATES), filesystem=run_dir.fs)
