@@ -69,8 +69,9 @@ from raybpo.models.lora import lora_config
 from raybpo.models.tiny import build_tiny_model
 from raybpo.models.tokenize import encode_pair
 from raybpo.train.dpo import DpoRecipe
-from raybpo.train.loop import Optimization, Workers, optimizer_step, step_plan
+from raybpo.train.loop import Optimization, optimizer_step
 from raybpo.train.prepare import REF_BATCH, sequence_lengths
+from raybpo.train.recipe import Workers, step_plan
 
 WARMUP_STEPS = 2
 LR = 5e-4

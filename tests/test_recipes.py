@@ -11,8 +11,8 @@ from raybpo.data.splits import split_of
 from raybpo.models.logps import collate
 from raybpo.models.tiny import build_tiny_model
 from raybpo.train.dpo import DpoRecipe
-from raybpo.train.loop import Workers
 from raybpo.train.prepare import PairEncoder
+from raybpo.train.recipe import Workers
 from raybpo.train.sft import SftRecipe, response_nll
 
 PAIRS = [

@@ -22,8 +22,9 @@ from raybpo.rundir import RunDir
 from raybpo.stages.ingest import ingest
 from raybpo.train.checkpoint import STATE_FILE
 from raybpo.train.dpo import DpoRecipe, make_dpo_recipe
-from raybpo.train.loop import NonFiniteLossError, count_bad_steps, fit, step_plan
+from raybpo.train.loop import NonFiniteLossError, count_bad_steps, fit
 from raybpo.train.prepare import prepare
+from raybpo.train.recipe import step_plan
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the recipes below run in Ray workers
 

@@ -20,7 +20,7 @@ STATE_FILE = "trainer_state.json"
 
 
 class CheckpointedRecipe(Protocol):
-    """What a checkpoint needs of the loop's recipe (`train.loop.Recipe`): its model files and its state."""
+    """What a checkpoint needs of the loop's recipe (`train.recipe.Recipe`): its model files and its state."""
 
     def save_model(self, model: nn.Module, directory: Path) -> None: ...
     def load_model(self, model: nn.Module, directory: Path) -> None: ...

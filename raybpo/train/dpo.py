@@ -46,8 +46,9 @@ from raybpo.rundir import (
 )
 from raybpo.train.checkpoint import checkpoint_name
 from raybpo.train.export import fit_and_export, prepared_stage_counts
-from raybpo.train.loop import Recipe, Workers, unwrap
+from raybpo.train.loop import unwrap
 from raybpo.train.prepare import load_prepared, prepare, sequence_lengths
+from raybpo.train.recipe import Recipe, Workers
 
 STAGE = TRAIN
 

@@ -23,7 +23,8 @@ import torch
 from raybpo.artifacts import Parts, in_stage, prepared_inputs, relpath, training_metrics
 from raybpo.config import LoopConfig
 from raybpo.rundir import RunDir, StageCounts
-from raybpo.train.loop import Recipe, fit
+from raybpo.train.loop import fit
+from raybpo.train.recipe import Recipe
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,20 @@
 """The data-parallel training loop on Ray Train, shared by SFT, DPO and reward models.
 
-A `Recipe` supplies the model, the examples and the loss of a micro-batch; this loop supplies what
-every stage needs: DDP (gloo on CPU, NCCL on GPU), gradient accumulation, AdamW with warm-up and
-cosine decay, gradient clipping, bf16 autocast on GPU, a non-finite-loss guard, evaluation,
-checkpoints through `ray.train.report`, resume, metrics on the console and in TensorBoard.
+A `Recipe` (`raybpo.train.recipe`) supplies the model, the examples and the loss of a micro-batch; this loop
+supplies what every stage needs: DDP (gloo on CPU, NCCL on GPU), gradient accumulation, AdamW with warm-up and
+cosine decay, gradient clipping, bf16 autocast on GPU, a non-finite-loss guard, evaluation, checkpoints through
+`ray.train.report`, resume, metrics on the console and in TensorBoard.
 
 Spot preemption: after every optimizer step all workers ask `ray.train.get_preemption_info()` (one collective);
 once Ray says a node of the group is being reclaimed, the loop saves a just-in-time checkpoint and trains on,
 and Ray Train restarts the group from it when the node is gone (`max_preemption_failures` times, counted apart
 from `max_failures`).
 
-Exact multi-worker behaviour. The data plan is a pure function of (seed, epoch): length-bucketed
-GLOBAL micro-batches of `micro_batch_size * num_workers` rows, `batch_size / that` of them per
-optimizer step; worker r takes slice r of each. One worker with micro-batch `m * W` therefore sees
-exactly the batches W workers with micro-batch `m` see together. The plan position is the step
-number, so a resumed run continues with the very next batch. What a checkpoint holds:
-`raybpo.train.checkpoint`.
+Exact multi-worker behaviour. The data plan (`step_plan`, the recipe's default) is a pure function of (seed,
+epoch): length-bucketed GLOBAL micro-batches of `micro_batch_size * num_workers` rows, `batch_size / that` of
+them per optimizer step; worker r takes slice r of each. One worker with micro-batch `m * W` therefore sees
+exactly the batches W workers with micro-batch `m` see together. The plan position is the step number, so a
+resumed run continues with the very next batch. What a checkpoint holds: `raybpo.train.checkpoint`.
 """
 
 from __future__ import annotations
@@ -27,96 +26,25 @@ import os
 import shutil
 import tempfile
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from raybpo.config import LoopConfig
-from raybpo.models.logps import length_bucketed_batches
 from raybpo.rundir import RunDir
 from raybpo.train.checkpoint import Checkpointer
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from raybpo.train.recipe import Recipe, Workers
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-@dataclass(frozen=True)
-class Workers:
-    """This worker's place in the data-parallel group, and the collectives recipes may use."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def gather(self, values: torch.Tensor) -> torch.Tensor:
-        """All-gather a 1-D tensor of equal length on every worker, concatenated in rank order."""
-        if self.world_size == 1:
-            return values
-        out = [torch.empty_like(values) for _ in range(self.world_size)]
-        dist.all_gather(out, values.contiguous())
-        return torch.cat(out)
-
-    def mean(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            values = values.clone()
-            dist.all_reduce(values)
-            values /= self.world_size
-        return values
-
-
-class Recipe(ABC):
-    """What a stage plugs into the loop."""
-
-    #: sequence lengths of the training rows (for the default, length-bucketed plan)
-    train_lengths: np.ndarray
-    #: number of rows of the evaluation split
-    num_eval: int
-    #: the tokenizer of the model `build_model` built: saved beside every exported model folder
-    tokenizer: PreTrainedTokenizerBase | None = None
-
-    @abstractmethod
-    def build_model(self, device: torch.device) -> nn.Module:
-        """The model to train; its parameters with requires_grad are what the optimizer updates."""
-
-    @abstractmethod
-    def loss(
-        self, model: nn.Module, rows: list[int], workers: Workers, training: bool
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of this worker's rows of a micro-batch (of the train or eval split), and metrics."""
-
-    @abstractmethod
-    def save_model(self, model: nn.Module, directory: Path) -> None:
-        """Write the trainable weights (safetensors) so `load_model` and the next stage can read them."""
-
-    @abstractmethod
-    def load_model(self, model: nn.Module, directory: Path) -> None: ...
-
-    def plan(self, cfg: LoopConfig, seed: int) -> list[list[list[int]]]:
-        """Every optimizer step's global micro-batches; by default length-bucketed (`step_plan`)."""
-        return step_plan(self.train_lengths, cfg, seed)
-
-    def counts(self) -> dict[str, int]:
-        """The row counts the stage's manifest records: the evaluation split's (a recipe may add its own)."""
-        return {"eval": self.num_eval}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        del state
 
 
 def count_bad_steps(finite: bool, bad_steps: int, max_bad_steps: int, step: int) -> int:
@@ -141,17 +69,6 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def step_plan(lengths: np.ndarray, cfg: LoopConfig, seed: int) -> list[list[list[int]]]:
-    """Every optimizer step's global micro-batches (row indices), for all epochs."""
-    per_micro = cfg.micro_batch_size * cfg.num_workers
-    accumulation = cfg.batch_size // per_micro
-    steps = []
-    for epoch in range(cfg.epochs):
-        micro = length_bucketed_batches(lengths, per_micro, seed, epoch)
-        steps += [micro[i : i + accumulation] for i in range(0, len(micro) - accumulation + 1, accumulation)]
-    return steps
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -60,7 +60,8 @@ from raybpo.rundir import (
 )
 from raybpo.train.checkpoint import checkpoint_name
 from raybpo.train.export import fit_and_export
-from raybpo.train.loop import Recipe, Workers, unwrap
+from raybpo.train.loop import unwrap
+from raybpo.train.recipe import Recipe, Workers
 
 STAGE = REWARD
 WEIGHTS = "model.safetensors"
