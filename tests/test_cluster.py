@@ -371,7 +371,8 @@ def _train_files(run: RunDir, name: str) -> list[Any]:
     found = []
     for info in run.fs.get_file_info(selector):
         if f"/{CHECKPOINTS}/{TRAIN}-" in info.path and info.path.endswith(f"/{name}"):
-            with contextlib.suppress(OSError), run.fs.open_input_stream(info.path) as file:  # deleted: 2 kept
+            # Gone (2 are kept), or read while being rewritten (moto may serve a PUT in progress): the next poll.
+            with contextlib.suppress(OSError, json.JSONDecodeError), run.fs.open_input_stream(info.path) as file:
                 found.append(json.loads(file.read()))
     return found
 
