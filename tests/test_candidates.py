@@ -140,7 +140,7 @@ def test_vllm_backend_builds_its_processor_and_seeded_requests(prepared):
     assert processor.config.model_source == cfg.policy.model and processor.config.concurrency == 2
     assert processor.config.engine_kwargs["max_model_len"] == 512 and processor.config.batch_size == 8
     row = {"prompt": "Describe the cat.", "prompt_key": "k"}
-    requests = vllm_requests(row, [1, 5, 9], plain=True, n=3, seed=7, cfg=gen)
+    requests = vllm_requests(row, [1, 5, 9], plain=True, seed=7, cfg=gen)
     assert [r["candidate"] for r in requests] == [0, 1, 2]
     assert [r["sampling_params"]["seed"] for r in requests] == [sample_seed(7, "k", i) for i in range(3)]
     assert [r["seed"] for r in requests] == [r["sampling_params"]["seed"] for r in requests]

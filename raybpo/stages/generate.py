@@ -82,14 +82,14 @@ VLLM_REQUEST_SCHEMA = pa.schema(
 
 
 def vllm_requests(
-    row: dict[str, Any], prompt_ids: list[int], plain: bool, n: int, seed: int, cfg: GenerateConfig
+    row: dict[str, Any], prompt_ids: list[int], plain: bool, seed: int, cfg: GenerateConfig
 ) -> list[dict[str, Any]]:
-    """One vLLM request per sample of a prompt: its token ids, and sampling parameters with the sample's seed.
+    """One vLLM request per sample (`cfg.n`) of a prompt: its token ids, and sampling parameters with the sample's seed.
 
     `seed` and `plain` (the prompt was rendered without a chat template) ride along for `vllm_candidate`,
     since the engine stage consumes `sampling_params`."""
     requests = []
-    for i in range(n):
+    for i in range(cfg.n):
         sample = sample_seed(seed, row["prompt_key"], i)
         requests.append(
             {
@@ -129,9 +129,7 @@ class VllmRequests:
         rows = [
             request
             for row in batch.select(["prompt", "prompt_key"]).to_pylist()
-            for request in vllm_requests(
-                row, self.prompt_ids(row["prompt"]), self.plain, self.cfg.n, self.seed, self.cfg
-            )
+            for request in vllm_requests(row, self.prompt_ids(row["prompt"]), self.plain, self.seed, self.cfg)
         ]
         return pa.Table.from_pylist(rows, schema=VLLM_REQUEST_SCHEMA)
 
