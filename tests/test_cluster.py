@@ -35,6 +35,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raybpo.artifacts import CHECKPOINTS, DEPTH, EVALUATE, TRAIN
 from raybpo.cli import main
@@ -386,6 +387,22 @@ def _jit_checkpoint_registered(run: RunDir) -> bool:
     return bool(jit and latest and max(latest) >= min(jit))
 
 
+def _tensorboard_losses(run: RunDir, folder: Path) -> list[dict[int, float]]:
+    """The `loss` scalars (step -> value) of each TensorBoard event file of train in the run's storage, oldest file
+    first (event files are named by their start time), each fetched into its own folder below `folder`."""
+    selector = pafs.FileSelector(run.path(TRAIN, "tensorboard"), recursive=True, allow_not_found=True)
+    paths = [info.path for info in run.fs.get_file_info(selector) if "tfevents" in info.path]
+    losses = []
+    for i, path in enumerate(sorted(paths, key=lambda p: int(p.rsplit("/", 1)[1].split(".")[3]))):
+        local = folder / str(i) / path.rsplit("/", 1)[1]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with run.fs.open_input_stream(path) as file:
+            local.write_bytes(file.read())
+        scalars = EventAccumulator(str(local.parent)).Reload()
+        losses.append({e.step: e.value for e in scalars.Scalars("loss")} if "loss" in scalars.Tags()["scalars"] else {})
+    return losses
+
+
 def _wait_while_running(cluster: Cluster, job_id: str, done: Callable[[], bool], what: str, timeout: float) -> None:
     """Poll `done` until it holds; fail when the job ends first or after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -515,6 +532,19 @@ def test_the_pipeline_job_on_three_nodes_with_s3_storage_survives_a_preempted_wo
     )
     assert remote_eval["policies"] == local_eval["policies"]
     assert run.exists("report", "report.md")
+    # The stages that save models wrote them to S3, and handed their actors and Train workers URIs.
+    assert train["reference"] == run.uri_of("sft", "model") and train["pairs"]["input"].endswith("selections/bpo")
+    assert run.exists("sft", "model", "model.safetensors")
+    assert run.exists(TRAIN, "policy", "adapter", "adapter_model.safetensors")
+    assert run.exists(TRAIN, "policy", "merged", "model.safetensors")
+    # rank 0's TensorBoard events, uploaded from each attempt's node (the first one's up to every checkpoint it
+    # reported): per step the latest attempt's loss, for every step, the same losses as the metric history records
+    first, resumed_events = _tensorboard_losses(run, tmp_path / "events")
+    assert max(first) >= resumed and min(resumed_events) == resumed + 1
+    logged = {**first, **resumed_events}
+    assert sorted(logged) == list(range(1, train["steps"] + 1))
+    history = [json.loads(line) for line in run.read_bytes(f"{TRAIN}/metrics.jsonl").decode().splitlines()]
+    assert all(logged[row["step"]] == pytest.approx(row["loss"], rel=1e-6) for row in history)
     # The models were fetched into the surviving node's own cache (its /tmp, seen through one of its processes).
     (survivor,) = [n for n in cluster.workers if n is not killed]
     cache = Path(f"/proc/{survivor.pid}/root/tmp/raybpo-model-cache")

@@ -160,8 +160,9 @@ def optimizer_step(
 
 class TensorBoard:
     """Rank 0's TensorBoard event files in the run-directory folder `uri`: written there when it is local, else
-    into a folder on this node that is uploaded at every checkpoint and at the end (event files are named by host,
-    process and time, so a restarted group adds its own beside the earlier ones)."""
+    into a folder on this node that is uploaded before every checkpoint is reported and at the end (event files are
+    named by host, process and time, so a group resumed from a checkpoint adds its own beside the earlier ones,
+    which hold every step up to that checkpoint)."""
 
     def __init__(self, uri: str) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -293,14 +294,14 @@ class WorkerRun:
         """Report `metrics` with a checkpoint of this worker's state (weights and optimizer from rank 0)."""
         import ray.train
 
+        if self.tensorboard is not None:  # first: a run resumed from this checkpoint finds its events stored
+            self.tensorboard.sync()
         with tempfile.TemporaryDirectory() as tmp:
             directory, opt = Path(tmp), self.opt
             if self.workers.rank == 0:
                 Checkpointer.save(directory, self.recipe, unwrap(opt.model), opt.optimizer, opt.scheduler, self.state)
             Checkpointer.save_rng(directory, self.workers.rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        if self.tensorboard is not None:
-            self.tensorboard.sync()
 
     def checkpoint_if_preempted(self, metrics: dict[str, float]) -> None:
         """The just-in-time checkpoint: once Ray reports that a node of this group is being preempted (every
