@@ -80,15 +80,34 @@ SETTINGS = {"batch_size": 16, "checkpoint_every": 4, "kept_normalization": "glob
 
 
 @pytest.fixture(scope="module")
-def two_workers(prepared):
+def two_workers(prepared, tmp_path_factory):
+    """Two workers whose rank 1 fails in step 6, after the step-4 checkpoint: Ray Train restarts the group and it
+    resumes there. (The marker file that says the failure happened, the fit's result, the adapter weights.)"""
     cfg, _ = prepared
-    return _fit(cfg, "two-workers", num_workers=2, micro_batch_size=4, **SETTINGS)
+    marker = tmp_path_factory.mktemp("crash") / "crashed"
+    train = cfg.train.model_copy(update={"lr": 1e-2, "num_workers": 2, "micro_batch_size": 4, **SETTINGS})
+    factory = crash_once(
+        make_dpo_recipe,
+        str(marker),
+        11,
+        cfg.run_dir,
+        "train",
+        cfg.policy.model,
+        cfg.policy.model_dump(mode="json"),
+        train.model_dump(mode="json"),
+        cfg.seed,
+    )
+    return marker, *_fit(cfg, "two-workers-crash-once", factory, num_workers=2, micro_batch_size=4, **SETTINGS)
 
 
-def test_two_workers_equal_one_worker_with_the_same_global_batch(prepared, two_workers):
+def test_two_workers_restarted_after_a_failure_equal_one_worker_with_the_same_global_batch(prepared, two_workers):
+    """The same global batches on one worker and on two (one of which failed and was restarted from the step-4
+    checkpoint): the same adapter, and the same gathered margins, so the same M0, sigma and beta at every step.
+    (That a resumed run ends exactly as an uninterrupted one is checked with equal manifests by the killed-driver
+    test of tests/test_pipeline.py and the preempted node of tests/test_cluster.py.)"""
     cfg, _ = prepared
     one_result, one = _fit(cfg, "one-worker", num_workers=1, micro_batch_size=8, **SETTINGS)
-    two_result, two = two_workers
+    _, two_result, two = two_workers
     assert one.keys() == two.keys() and len(one) > 0
     for name in one:
         torch.testing.assert_close(one[name], two[name], atol=2e-6, rtol=1e-4)
@@ -101,26 +120,9 @@ def test_two_workers_equal_one_worker_with_the_same_global_batch(prepared, two_w
     assert two_history[-1]["filter/kept_fraction"] == pytest.approx(0.75)  # floor(8 * 0.8) / 8 per micro-batch
 
 
-def test_failed_worker_is_restarted_and_resumes_from_its_checkpoint(prepared, two_workers, tmp_path):
-    cfg, _ = prepared
-    marker = tmp_path / "crashed"
-    train = cfg.train.model_copy(update={"lr": 1e-2, "num_workers": 2, "micro_batch_size": 4, **SETTINGS})
-    factory = crash_once(  # rank 1 fails in step 6, after the step-4 checkpoint
-        make_dpo_recipe,
-        str(marker),
-        11,
-        cfg.run_dir,
-        "train",
-        cfg.policy.model,
-        cfg.policy.model_dump(mode="json"),
-        train.model_dump(mode="json"),
-        cfg.seed,
-    )
-    result, crashed = _fit(cfg, "crash-once", factory, num_workers=2, micro_batch_size=4, **SETTINGS)
+def test_failed_worker_is_restarted_and_resumes_from_its_checkpoint(two_workers):
+    marker, result, _ = two_workers
     assert marker.exists()  # the failure happened
-    _, uninterrupted = two_workers
-    for name in crashed:
-        torch.testing.assert_close(crashed[name], uninterrupted[name], atol=1e-6, rtol=1e-5)
     assert result.return_value["resumed_from"] == [4]  # the restarted group resumed at the step-4 checkpoint
     steps = [h["step"] for h in result.return_value["history"]]
     assert steps == sorted(set(steps))  # the history came back with the checkpoint, without repeats
