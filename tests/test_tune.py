@@ -24,7 +24,7 @@ from raybpo.tune.search import check_search, trial_name, trial_overrides
 from raybpo.tune.trial import StopBoard, copy_stage, make_scheduler
 
 TINY = Path(__file__).with_name("tiny.yaml")
-TRAIN = {"batch_size": 16, "micro_batch_size": 16, "checkpoint_every": 5, "log_every": 1000, "lr": 1e-2}
+TRAIN = {"batch_size": 16, "micro_batch_size": 16, "epochs": 1, "checkpoint_every": 5, "log_every": 1000, "lr": 1e-2}
 TRAIN |= {"precompute_ref_logps": False}  # the tiny reference runs inside the step: no model in the prepare pass
 
 
