@@ -1,8 +1,9 @@
 """The breadth stage: the ranking rule and selection as pure functions, faiss vs scikit-learn k-means, and the
-stage itself on the benchmark's prompts on a local Ray (2 CPUs)."""
+stage itself on the benchmark's prompts (the session's tiny run, and a second run with method=random)."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -11,7 +12,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from raybpo.config import BreadthConfig, Config
+from raybpo.config import BreadthConfig, Config, load_config
 from raybpo.data.schema import prompt_key
 from raybpo.rundir import StageMissingError
 from raybpo.selection.breadth import (
@@ -30,7 +31,8 @@ from raybpo.selection.clustering import (
     spherical_kmeans,
 )
 from raybpo.stages.breadth import PROMPTS_SCHEMA
-from raybpo.stages.ingest import ingest
+
+TINY = Path(__file__).with_name("tiny.yaml")
 
 # --------------------------------------------------------------------------- pure functions
 
@@ -151,25 +153,15 @@ def test_missing_ingest_is_a_clear_error(tmp_path):
 # --------------------------------------------------------------------------- the stage on Ray
 
 
-def _benchmark_config(run_dir) -> Config:
-    cfg = Config(run_dir=str(run_dir))
-    cfg.ingest.preset = "benchmark"
-    cfg.benchmark.pairs_per_source = 40  # 120 pairs drawn over 48 prompts: most prompts have several pairs
-    cfg.benchmark.train_prompts = 48
-    cfg.benchmark.eval_prompts = 8
-    cfg.breadth.prompts_per_cluster = 8
-    cfg.breadth.eta = 0.2
-    cfg.breadth.batch_size = 16
-    return cfg
-
-
 @pytest.fixture(scope="module")
-def breadth_run(ray_session, tmp_path_factory):
-    from raybpo.stages.breadth import run_breadth
-
-    cfg = _benchmark_config(tmp_path_factory.mktemp("breadth") / "run")
-    ingest(cfg)
-    return cfg, run_breadth(cfg)
+def breadth_run(tiny_run, tmp_path_factory):
+    """(config, manifest): the breadth stage of the session's tiny run (tests/tiny.yaml: 120 benchmark pairs over
+    24 prompts, so most prompts have several pairs), its ingest and breadth copied into a run dir of this module."""
+    run = tmp_path_factory.mktemp("breadth") / "run"
+    for stage in ("ingest", "breadth"):
+        shutil.copytree(tiny_run.path / stage, run / stage)
+    cfg = load_config(TINY, [f"run_dir={run}"])
+    return cfg, json.loads((run / "breadth" / "manifest.json").read_text())
 
 
 def _prompts(run_dir: str):
@@ -179,9 +171,8 @@ def _prompts(run_dir: str):
 def test_stage_on_the_benchmark_prompts(breadth_run):
     from raybpo.stages.breadth import run_breadth
 
-    cfg, result = breadth_run
-    m = result.manifest
-    assert not result.skipped
+    cfg, m = breadth_run
+    eta = cfg.breadth.eta
     pairs = pads.dataset(f"{cfg.run_dir}/ingest/pairs", format="parquet").to_table(columns=["pair_id", "prompt"])
     distinct = {prompt_key(p) for p in pairs["prompt"].to_pylist()}
     assert m["rows_in"] == pairs.num_rows == 120
@@ -190,7 +181,7 @@ def test_stage_on_the_benchmark_prompts(breadth_run):
     assert m["prompts_distinct"] == m["rows_out"] + m["prompts_not_kept"] and m["rows_quarantined"] == 0
     assert m["num_clusters"] == num_clusters_for(len(distinct), cfg.breadth)
     assert (m["method"], m["embedder"], m["embedding_dim"]) == ("cluster", "all-MiniLM-L6-v2", 384)
-    assert set(m["input_hashes"]) == {"ingest"} and m["config"]["breadth"]["eta"] == 0.2
+    assert set(m["input_hashes"]) == {"ingest"} and m["config"]["breadth"]["eta"] == eta == 0.5
 
     table = _prompts(cfg.run_dir)
     assert table.schema.equals(PROMPTS_SCHEMA, check_metadata=False)
@@ -206,15 +197,15 @@ def test_stage_on_the_benchmark_prompts(breadth_run):
         assert [r["rank"] for r in members] == list(range(len(members)))
         similarities = [r["similarity"] for r in members]
         assert similarities == sorted(similarities, reverse=True)
-        keep = int(keep_count(len(members), 0.2))
+        keep = int(keep_count(len(members), eta))
         assert keep >= 1 and [r["kept"] for r in members] == [True] * keep + [False] * (len(members) - keep)
     sizes = [sum(r["cluster"] == c for r in rows) for c in range(m["num_clusters"])]
-    assert m["cluster_sizes"]["max"] == max(sizes) and m["rows_out"] == int(keep_count(np.array(sizes), 0.2).sum())
+    assert m["cluster_sizes"]["max"] == max(sizes) and m["rows_out"] == int(keep_count(np.array(sizes), eta).sum())
     assert m["outputs"] == {"prompts": "prompts/", "plot": "cluster_sizes.png"}
     with open(f"{cfg.run_dir}/breadth/cluster_sizes.png", "rb") as png:
         assert png.read(8) == b"\x89PNG\r\n\x1a\n"
 
-    again = run_breadth(cfg)
+    again = run_breadth(cfg)  # the same config and ingest: skipped
     assert again.skipped and again.manifest == m
 
 
@@ -228,13 +219,13 @@ def test_same_seed_same_clusters_and_random_keeps_the_same_count(breadth_run, tm
     other.breadth = cfg.breadth.model_copy(update={"method": "random"})
     shutil.copytree(f"{cfg.run_dir}/ingest", tmp_path / "run" / "ingest")
     second = run_breadth(other).manifest
-    assert second["method"] == "random" and second["rows_out"] == first.manifest["rows_out"]
-    assert second["num_clusters"] == first.manifest["num_clusters"]
+    assert second["method"] == "random" and second["rows_out"] == first["rows_out"]
+    assert second["num_clusters"] == first["num_clusters"]
 
     a = _prompts(cfg.run_dir).sort_by("prompt_key").to_pydict()
     b = _prompts(other.run_dir).sort_by("prompt_key").to_pydict()
     assert a["prompt_key"] == b["prompt_key"] and a["cluster"] == b["cluster"] and a["rank"] == b["rank"]
     np.testing.assert_allclose(a["similarity"], b["similarity"], atol=1e-5)
-    by_rule = select_cluster(np.array(b["cluster"]), np.array(b["rank"]), 0.2, second["num_clusters"])
+    by_rule = select_cluster(np.array(b["cluster"]), np.array(b["rank"]), cfg.breadth.eta, second["num_clusters"])
     assert by_rule.tolist() == a["kept"]  # same seed, same kept set
     assert sum(b["kept"]) == sum(a["kept"])
