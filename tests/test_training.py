@@ -1,4 +1,4 @@
-"""The Ray Train loop: exact multi-worker behaviour, restart after a worker failure, the NaN guard.
+"""The Ray Train loop: exact multi-worker behaviour, restart after a worker failure, the NaN guard, checkpoints.
 
 All runs share one small benchmark run directory, a tiny config-built reference model and its
 prepared pairs (token ids + cached reference log-probs).
@@ -6,21 +6,23 @@ prepared pairs (token ids + cached reference log-probs).
 
 import functools
 import json
+import pickle
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray.cloudpickle
 import torch
 from conftest import crash_once
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from raybpo.config import Config, TinyModelConfig
 from raybpo.models.lora import ADAPTER_WEIGHTS
 from raybpo.models.tiny import build_tiny_model
 from raybpo.rundir import RunDir
 from raybpo.stages.ingest import ingest
-from raybpo.train.checkpoint import STATE_FILE
+from raybpo.train.checkpoint import STATE_FILE, Checkpointer
 from raybpo.train.dpo import DpoRecipe, make_dpo_recipe
 from raybpo.train.loop import NonFiniteLossError, count_bad_steps, fit
 from raybpo.train.prepare import prepare
@@ -189,3 +191,70 @@ def test_the_reference_pass_asks_for_the_gpus_training_will_use_and_tokenising_f
     assert on_gpus["num_gpus"] == 1 and (on_gpus["compute"].min_size, on_gpus["compute"].max_size) == (1, 8)
     for cpu_only in (encoder_resources(True, 0, 4), encoder_resources(False, 8, 4)):
         assert "num_gpus" not in cpu_only and cpu_only["compute"].max_size == 1 and cpu_only["num_cpus"] == 4
+
+
+class _Recipe:
+    """The checkpoint side of a recipe: its model as safetensors, and a state of plain numbers."""
+
+    def __init__(self) -> None:
+        self.state = {"m0": 0.0, "steps": 0}
+
+    def save_model(self, model, directory):
+        save_file(model.state_dict(), str(directory / "model.safetensors"))
+
+    def load_model(self, model, directory):
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
+
+class _RunsCode:
+    """A pickle payload that would create `path` when unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def _optimized(seed: int):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    torch.manual_seed(seed)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return model, optimizer, scheduler
+
+
+def test_a_checkpoint_restores_the_loop_state_and_rng_and_a_tampered_one_runs_no_code(tmp_path):
+    model, optimizer, scheduler = _optimized(0)
+    recipe = _Recipe()
+    recipe.state = {"m0": 0.25, "steps": 3}
+    torch.manual_seed(7)
+    np.random.seed(7)
+    Checkpointer.save(tmp_path, recipe, model, optimizer, scheduler, {"step": 3})
+    Checkpointer.save_rng(tmp_path, rank=0)
+    expected = (torch.rand(3), np.random.rand(3))
+
+    fresh, fresh_optimizer, fresh_scheduler = _optimized(1)
+    fresh_recipe = _Recipe()
+    assert Checkpointer.load(tmp_path, fresh_recipe, fresh, fresh_optimizer, fresh_scheduler, rank=0) == {"step": 3}
+    assert fresh_recipe.state == {"m0": 0.25, "steps": 3} and fresh_scheduler.last_epoch == scheduler.last_epoch
+    torch.testing.assert_close(fresh.weight, model.weight)
+    moments = fresh_optimizer.state_dict()["state"][0]["exp_avg"]
+    torch.testing.assert_close(moments, optimizer.state_dict()["state"][0]["exp_avg"])
+    torch.testing.assert_close(torch.rand(3), expected[0])  # both RNGs continue where the checkpoint was taken
+    np.testing.assert_array_equal(np.random.rand(3), expected[1])
+
+    ran = tmp_path / "code-ran"
+    torch.save({"optimizer": _RunsCode(ran)}, tmp_path / "optim.pt")  # write access to the checkpoint storage
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        Checkpointer.load(tmp_path, fresh_recipe, fresh, fresh_optimizer, fresh_scheduler, rank=0)
+    assert not ran.exists()

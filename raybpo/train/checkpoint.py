@@ -2,7 +2,9 @@
 
 A checkpoint holds the trainable weights (safetensors), the optimizer, scheduler and recipe state
 (beta-DPO's M0 and sigma, MORE's momentum) in `optim.pt`, the loop state (step, the guard's count,
-the metric history) in `trainer_state.json`, and every worker's RNG state.
+the metric history) in `trainer_state.json`, and every worker's RNG state. The `.pt` files hold tensors and plain
+data only and are loaded with `weights_only=True`, so write access to the checkpoint storage is not code execution
+on the training workers.
 """
 
 from __future__ import annotations
@@ -42,21 +44,41 @@ class Checkpointer:
 
     @staticmethod
     def save_rng(directory: Path, rank: int) -> None:
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, directory / f"rng_{rank}.pt")
+        """This worker's torch and NumPy RNG states, as tensors and numbers (NumPy's key array as an int64 tensor)."""
+        name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+        numpy_state = {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        }
+        torch.save({"torch": torch.get_rng_state(), "numpy": numpy_state}, directory / f"rng_{rank}.pt")
 
     @staticmethod
     def load(directory: Path, recipe: CheckpointedRecipe, model: nn.Module, optimizer, scheduler, rank: int) -> dict:
+        """Restore a checkpoint written by `save` and `save_rng`. Its `.pt` files are read with `weights_only=True`:
+        tensors, numbers, strings and containers only, so a tampered checkpoint raises instead of running code."""
         recipe.load_model(model, directory)
-        optim = torch.load(directory / "optim.pt", weights_only=False)
+        optim = torch.load(directory / "optim.pt", weights_only=True)
         optimizer.load_state_dict(optim["optimizer"])
         scheduler.load_state_dict(optim["scheduler"])
         recipe.load_state_dict(optim["recipe"])
         state = json.loads((directory / STATE_FILE).read_text())
         rng_file = directory / f"rng_{rank}.pt"
         if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)
+            rng = torch.load(rng_file, weights_only=True)
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+            numpy_state = rng["numpy"]
+            np.random.set_state(
+                (
+                    numpy_state["name"],
+                    numpy_state["keys"].numpy().astype(np.uint32),
+                    numpy_state["pos"],
+                    numpy_state["has_gauss"],
+                    numpy_state["cached_gaussian"],
+                )
+            )
         return state
 
 
