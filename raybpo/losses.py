@@ -135,6 +135,9 @@ class BetaDPO:
     - evaluation calls (`training=False`) do not update M0 / sigma / steps; they use the current values
       (and so draw from the generator of the last training step).
     - M0, sigma and steps are training state: `state_dict()` / `load_state_dict()` go into every checkpoint.
+    - a gathered batch with a non-finite logit (an overflow, a broken reference log-prob) is broken as a whole:
+      its loss is NaN, so the loop's NaN/inf guard skips the step, and M0, sigma and steps are not updated (the
+      paper's statistics assume finite logits; one -inf would make M0 and beta infinite from then on).
 
     Ablations: `alpha=0` filtering only; `rho=1` dynamic beta only (no draw, every sample kept);
     `alpha=0, rho=1` is plain DPO (beta is beta0 exactly when alpha == 0, the 1e-3 floor included).
@@ -233,6 +236,20 @@ class BetaDPO:
             kept[zeros[draw]] = True
         return kept
 
+    def _broken_batch(self, h_local: Tensor, n: int) -> BetaDPOOutput:
+        """A gathered batch with a non-finite logit: a NaN loss (the loop's guard skips the step) and the statistics
+        left as they were, so one broken batch cannot make M0 or beta infinite for every later step."""
+        nan = float("nan")
+        return BetaDPOOutput(
+            loss=h_local.sum() * nan,
+            beta=nan,
+            kept_mask=torch.zeros(h_local.numel(), dtype=torch.bool, device=h_local.device),
+            kept_fraction=0.0 / n,
+            m0=self.m0,
+            sigma=self.sigma,
+            per_sample=torch.full_like(h_local.detach(), nan),
+        )
+
     # -- the loss ----------------------------------------------------------------------------
 
     def __call__(
@@ -261,6 +278,8 @@ class BetaDPO:
         if n != n_local * world_size:
             raise ValueError(f"gather returned {n} values, expected {n_local} per worker x {world_size} workers")
 
+        if not bool(torch.isfinite(values).all()):
+            return self._broken_batch(h_local, n)
         if training:
             mean = float(values.mean())
             std = float(values.std(correction=1)) if n > 1 else 0.0

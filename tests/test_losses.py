@@ -254,6 +254,25 @@ def test_beta_dpo_state_dict_round_trip_continues_identically():
     assert c(torch.tensor(batches[3])).m0 != pytest.approx(b.state_dict()["m0"])
 
 
+@pytest.mark.parametrize("bad", [-math.inf, math.inf, math.nan])
+def test_beta_dpo_a_batch_with_a_non_finite_logit_is_skipped_whole(bad):
+    """The batch's loss is NaN (the loop skips the step) and M0, sigma and steps stay as they were: the run goes
+    on exactly as one that never saw the batch. (Updated first, M0 became -inf and every later beta inf.)"""
+    batches = _margin_batches(n_batches=5)
+    broken = torch.tensor(batches[2])
+    broken[3] = bad
+    seen, never = BetaDPO(seed=3), BetaDPO(seed=3)
+    for i, h in enumerate(batches):
+        if i == 2:
+            out = seen(broken.clone().requires_grad_())
+            assert math.isnan(float(out.loss)) and not out.kept_mask.any()
+            assert seen.state_dict() == never.state_dict()
+            continue
+        a, b = seen(torch.tensor(h)), never(torch.tensor(h))
+        assert torch.equal(a.loss, b.loss) and (a.beta, a.m0, a.sigma) == (b.beta, b.m0, b.sigma)
+        assert math.isfinite(a.beta) and math.isfinite(a.m0)
+
+
 def test_beta_dpo_step0_pi_equals_ref_is_finite():
     beta_dpo = BetaDPO()
     h = torch.zeros(10, requires_grad=True)

@@ -6,6 +6,7 @@ prepared pairs (token ids + cached reference log-probs).
 
 import functools
 import json
+import math
 import pickle
 import sys
 from pathlib import Path
@@ -24,9 +25,9 @@ from raybpo.rundir import RunDir
 from raybpo.stages.ingest import ingest
 from raybpo.train.checkpoint import STATE_FILE, Checkpointer
 from raybpo.train.dpo import DpoRecipe, make_dpo_recipe
-from raybpo.train.loop import NonFiniteLossError, count_bad_steps, fit
+from raybpo.train.loop import NonFiniteLossError, Optimization, count_bad_steps, fit, optimizer_step
 from raybpo.train.prepare import prepare
-from raybpo.train.recipe import step_plan
+from raybpo.train.recipe import Workers, step_plan
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the recipes below run in Ray workers
 
@@ -164,6 +165,40 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(prepared):
     assert sorted(history) == list(range(1, 9)) and all(
         h["grad_norm"] == h["grad_norm"] for s, h in history.items() if s > 3
     )
+
+
+def test_a_batch_with_an_infinite_logit_is_skipped_and_training_ends_as_without_it(prepared):
+    """beta-DPO in one process, six steps of eight pairs: step 3's batch carries an -inf logit (a pair's cached
+    reference log-prob is +inf). That step is skipped and leaves no trace (M0, sigma, the draw's step count as
+    they were), so training ends with the same adapter and statistics as a run that never saw the batch (its
+    schedule advanced once in its place)."""
+    cfg, _ = prepared
+    train = cfg.train.model_copy(update={"lr": 1e-2, **SETTINGS, "micro_batch_size": 8, "batch_size": 8})
+    workers = Workers(rank=0, world_size=1, device=torch.device("cpu"))
+    plan = [[list(range(8 * step, 8 * step + 8))] for step in range(6)]
+    args = (cfg.run_dir, "train", cfg.policy.model, cfg.policy.model_dump(mode="json"), train.model_dump(mode="json"))
+
+    def run(broken: bool) -> tuple[DpoRecipe, dict[str, torch.Tensor], list[bool]]:
+        recipe = make_dpo_recipe(*args, cfg.seed)
+        if broken:
+            recipe.splits["train"]["ref_chosen_logps"][17] = float("inf")
+        torch.manual_seed(0)  # the same LoRA initialisation
+        opt = Optimization.build(recipe.build_model(workers.device), train, len(plan))
+        finite = []
+        for step, micro_batches in enumerate(plan):
+            if step == 2 and not broken:
+                opt.scheduler.step()  # never sees the batch
+                continue
+            finite.append(optimizer_step(recipe, opt, micro_batches, workers, train).finite)
+        return recipe, {name: p.detach().clone() for name, p in opt.model.named_parameters() if p.requires_grad}, finite
+
+    broken_recipe, broken_weights, broken_finite = run(broken=True)
+    clean_recipe, clean_weights, clean_finite = run(broken=False)
+    assert broken_finite == [True, True, False, True, True, True] and all(clean_finite)
+    assert broken_recipe.state_dict() == clean_recipe.state_dict()
+    assert math.isfinite(broken_recipe.beta_dpo.m0) and broken_recipe.beta_dpo.steps == 5
+    for name, weight in clean_weights.items():
+        torch.testing.assert_close(broken_weights[name], weight, atol=0, rtol=0)
 
 
 def test_bad_step_counter():

@@ -20,6 +20,7 @@ resumed run continues with the very next batch. What a checkpoint holds: `raybpo
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -129,9 +130,11 @@ def optimizer_step(
     cfg: LoopConfig,
 ) -> StepOutcome:
     """One optimizer step: this worker's slice of each global micro-batch (bf16 autocast on GPU), gradients
-    accumulated (DDP syncs on the last), the finite check agreed by every worker, clipping and AdamW (skipped
-    when not finite), the schedule."""
+    accumulated (DDP syncs on the last), the finite check agreed by every worker, clipping and AdamW, the schedule.
+    A step that is not finite is skipped: no AdamW update, and the recipe's state (beta-DPO's M0, sigma and step
+    count, MORE's momentum) put back as it was before the step, so the batch leaves no trace but the schedule."""
     model, m = opt.model, cfg.micro_batch_size
+    state_before = copy.deepcopy(recipe.state_dict())
     cuda = workers.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     model.train()
@@ -154,6 +157,8 @@ def optimizer_step(
     if finite:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(opt.trainable, cfg.max_grad_norm))
         opt.optimizer.step()
+    else:
+        recipe.load_state_dict(state_before)
     opt.scheduler.step()
     return StepOutcome(finite, grad_norm, step_metrics)
 
