@@ -142,21 +142,26 @@ class NanLoss(DpoRecipe):
         return loss, metrics
 
 
-def _nan_recipe(*args) -> NanLoss:
+def _nan_recipe(attempts: str, *args) -> NanLoss:
+    with open(attempts, "a") as log:  # one line per training attempt
+        log.write("attempt\n")
     recipe = make_dpo_recipe(*args)
     recipe.__class__ = NanLoss
     return recipe
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(prepared):
+def test_non_finite_steps_are_skipped_then_stop_the_run(prepared, tmp_path):
     """Steps 2 and 3 are skipped and the run goes on (the guard's count starts again at a finite step); three in
-    a row (10, 11, 12) stop it. The step-8 checkpoint's history shows the skipped steps."""
+    a row (10, 11, 12) stop it, with the guard's own error and no retry (`max_failures` 2 would replay the same
+    steps from the step-8 checkpoint). That checkpoint's history shows the skipped steps."""
     cfg, _ = prepared
-    settings = {**SETTINGS, "num_workers": 1, "micro_batch_size": 8, "max_bad_steps": 3, "max_failures": 0}
+    settings = {**SETTINGS, "num_workers": 1, "micro_batch_size": 8, "max_bad_steps": 3, "max_failures": 2}
     train = cfg.train.model_copy(update={"lr": 1e-2, **settings}).model_dump(mode="json")
-    args = (cfg.run_dir, "train", cfg.policy.model, cfg.policy.model_dump(mode="json"), train, cfg.seed)
-    with pytest.raises(Exception, match=r"3 optimizer steps in a row had a non-finite loss.*the last at step 12"):
+    attempts = tmp_path / "attempts"
+    args = (str(attempts), cfg.run_dir, "train", cfg.policy.model, cfg.policy.model_dump(mode="json"), train, cfg.seed)
+    with pytest.raises(NonFiniteLossError, match=r"^nan-steps: 3 optimizer steps in a row .* the last at step 12"):
         _fit(cfg, "nan-steps", functools.partial(_nan_recipe, *args), log_every=1, **settings)
+    assert attempts.read_text().splitlines() == ["attempt"]
     states = [json.loads(p.read_text()) for p in (Path(cfg.run_dir) / "checkpoints/nan-steps").glob("*/" + STATE_FILE)]
     state = max(states, key=lambda s: s["step"])
     assert state["step"] == 8 and state["bad_steps"] == 0

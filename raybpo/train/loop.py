@@ -327,30 +327,36 @@ class WorkerRun:
         self.checkpoint({**metrics, "eval_loss": float("nan")} if self.recipe.num_eval else metrics)
 
 
-def train_loop(config: dict[str, Any]) -> dict[str, list]:
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """`train_loop_per_worker` of the TorchTrainer: config = {"recipe": factory, "loop": ..., "seed": ...}.
 
     Returns {"history": the metrics of every logged and checkpointed step, "resumed_from": the step of
     each checkpoint the run resumed from, "preemption_checkpoints": the steps of its just-in-time checkpoints};
-    all live in the checkpoints, so a resumed run returns all.
+    all live in the checkpoints, so a resumed run returns all. When the NaN/inf guard stops the run, its message
+    is returned as "stopped" instead: every worker stops at the same step (the finite check is agreed by all),
+    and a Ray Train restart from the last checkpoint would only replay the same steps, so `fit` raises it.
     """
     quiet_report_lines()
     run = WorkerRun.start(config)
     state = run.state
     started, rows_done = time.perf_counter(), 0
-    for step in range(state["step"], len(run.plan)):
-        outcome = optimizer_step(run.recipe, run.opt, run.plan[step], run.workers, run.cfg)
-        state["bad_steps"] = count_bad_steps(outcome.finite, state["bad_steps"], run.cfg.max_bad_steps, step + 1)
-        if not outcome.finite:
-            run.announce(f"step {step + 1}: non-finite loss or gradient, skipped")
-        state["step"] = step + 1
-        rows_done += sum(len(b) for b in run.plan[step])
-        metrics = run.step_metrics(outcome, rows_done, started)
-        run.record(metrics)
-        run.checkpoint_if_preempted(metrics)
+    stopped = None
+    try:
+        for step in range(state["step"], len(run.plan)):
+            outcome = optimizer_step(run.recipe, run.opt, run.plan[step], run.workers, run.cfg)
+            state["bad_steps"] = count_bad_steps(outcome.finite, state["bad_steps"], run.cfg.max_bad_steps, step + 1)
+            if not outcome.finite:
+                run.announce(f"step {step + 1}: non-finite loss or gradient, skipped")
+            state["step"] = step + 1
+            rows_done += sum(len(b) for b in run.plan[step])
+            metrics = run.step_metrics(outcome, rows_done, started)
+            run.record(metrics)
+            run.checkpoint_if_preempted(metrics)
+    except NonFiniteLossError as err:
+        stopped = str(err)
     if run.tensorboard is not None:
         run.tensorboard.close()
-    return {key: state[key] for key in ("history", "resumed_from", "preemption_checkpoints")}
+    return {key: state[key] for key in ("history", "resumed_from", "preemption_checkpoints")} | {"stopped": stopped}
 
 
 @torch.no_grad()
@@ -387,6 +393,9 @@ def fit(
 ):
     """Run `train_loop` on a TorchTrainer; the run `name` under `storage` is where a rerun resumes from, and
     rank 0 writes TensorBoard event files to the run-directory folder (URI) `tensorboard`.
+
+    Raises `NonFiniteLossError` itself (not Ray's worker-group error, and without the retries of `max_failures`,
+    which would replay the same steps) when the NaN/inf guard stops the run.
 
     Keeps the best two checkpoints by eval loss (the latest two without an eval split). `callbacks` are Ray
     Train `UserCallback`s for the run, passed down by the stage from its `StageContext` (a `raybpo tune` trial's
@@ -428,4 +437,7 @@ def fit(
             ),
         ),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if result.return_value["stopped"]:
+        raise NonFiniteLossError(f"{name}: {result.return_value['stopped']}")
+    return result
