@@ -85,3 +85,39 @@ def test_actor_pools_are_a_fixed_size_or_autoscale_between_min_and_max():
     # blocks are cut for the most actors the pool may have
     table = pa.table({"x": list(range(64))})
     assert len(actor_blocks(table, 2, (1, 4))) == len(actor_blocks(table, 2, 4)) == 16
+
+
+def test_an_override_that_is_not_yaml_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match=r"override 'train.lora_target_modules=\[q_proj': .* not valid YAML"):
+        load_config(None, ["train.lora_target_modules=[q_proj"])
+
+
+@pytest.mark.parametrize("name", ["../reward", "a/b", "a\\b", ".hidden", " "])
+def test_a_source_name_is_one_folder_name(name):
+    """Names become folders (the reward model of each source): none may climb out of its folder."""
+    source = f"ingest.sources=[{{path: pairs.jsonl, name: {name!r}}}]"
+    with pytest.raises(ConfigError, match=r"ingest\.sources\.0\.name: .*must be one folder name"):
+        load_config(None, [source])
+    assert load_config(None, ["ingest.sources=[{path: pairs.jsonl, name: hh-helpful.v2}]"]).ingest.sources[0].name
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://api.openai.com/v1", True),
+        ("http://127.0.0.1:8000/v1", True),
+        ("http://localhost:8000/v1", True),
+        ("http://[::1]:8000/v1", True),
+        ("http://judge.example.com/v1", False),
+        ("http://10.0.0.7:8000/v1", False),
+        ("ftp://127.0.0.1/v1", False),
+    ],
+)
+def test_the_judge_key_never_travels_over_plain_http_off_this_machine(url, allowed):
+    overrides = [f"score.judge.url={url}", f"evaluate.llm_judge={{url: '{url}'}}"]
+    for override in overrides:
+        if allowed:
+            load_config(None, [override])
+        else:
+            with pytest.raises(ConfigError, match=r"judge url .* must be https://"):
+                load_config(None, [override])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raybpo.config.base import Section
 
@@ -26,6 +26,14 @@ class SourceSpec(Section):
     pku_preference: Literal["better", "safer"] = Field(
         "better", description="PKU-SafeRLHF: use better_response_id or safer_response_id."
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder_name(cls, name: str | None) -> str | None:
+        """The name becomes a folder name (a reward model per source): one path part, so it cannot escape."""
+        if name is not None and (not name.strip() or "/" in name or "\\" in name or name.startswith(".")):
+            raise ValueError(f"source name {name!r} must be one folder name: not empty, no '/' or '\\', no leading '.'")
+        return name
 
     @model_validator(mode="after")
     def _columns_need_mapping(self) -> SourceSpec:

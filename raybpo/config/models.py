@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+import urllib.parse
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from raybpo.config.base import POOL_HELP, PoolSize, Section
 
@@ -46,8 +48,20 @@ class GenerateConfig(Section):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments.")
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
 class JudgeConfig(Section):
-    url: str = "http://127.0.0.1:8000/v1"
+    url: str = Field(
+        "http://127.0.0.1:8000/v1",
+        description="OpenAI-compatible endpoint: https, or plain http only to this machine (the key goes with it).",
+    )
     model: str = "gpt-4o-mini"
     api_key_env: str = Field("RAYBPO_JUDGE_API_KEY", description="Name of the variable holding the key.")
     prompt: str = (
@@ -58,3 +72,14 @@ class JudgeConfig(Section):
     requests_per_second: float = Field(5.0, gt=0.0)
     timeout_s: float = Field(60.0, gt=0.0)
     max_retries: int = Field(4, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _no_plain_http_off_this_machine(cls, url: str) -> str:
+        """The API key travels in every request's header: plain http only to a loopback address."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "https" and parts.hostname:
+            return url
+        if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
+            return url
+        raise ValueError(f"judge url {url!r} must be https:// (plain http:// only to localhost or 127.0.0.1)")
