@@ -1,6 +1,7 @@
 """The house's floors, checked from the source: no import cycle inside `raybpo/` (imports inside functions
-count; only `if TYPE_CHECKING:` blocks are exempt), and no function over 80 lines or module over 450 lines
-unless its docstring has a line starting "Kept whole:" that says why."""
+count; only `if TYPE_CHECKING:` blocks are exempt), the stage graph never reaching raybpo.tune nor the metrics
+Ray, and no function over 80 lines or module over 450 lines unless its docstring has a line starting
+"Kept whole:" that says why."""
 
 import ast
 from pathlib import Path
@@ -27,8 +28,9 @@ def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
     return False
 
 
-def imported(name: str, tree: ast.Module, known: set[str]) -> set[str]:
-    """The raybpo modules that module `name` imports anywhere (a `from a import b` of a submodule is `a.b`)."""
+def imported(name: str, tree: ast.Module, known: set[str], *, every: bool = False) -> set[str]:
+    """The raybpo modules that module `name` imports anywhere (a `from a import b` of a submodule is `a.b`);
+    with `every`, the other modules it imports too (as written: `ray.data`, `numpy`)."""
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     package = name if name in known and any(k.startswith(name + ".") for k in known) else name.rpartition(".")[0]
     found: set[str] = set()
@@ -44,7 +46,20 @@ def imported(name: str, tree: ast.Module, known: set[str]) -> set[str]:
                     package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
                 )
             found |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names}
-    return {m for m in found if m in known and m != name}
+    return {m for m in found if (every or m in known) and m != name}
+
+
+def reachable(start: str, trees: dict[str, ast.Module]) -> set[str]:
+    """Every module `start` imports, directly or through raybpo modules, anywhere in their code (imports inside
+    functions too: what any call could import), itself included."""
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            if name in trees:
+                todo.extend(imported(name, trees[name], set(trees), every=True))
+    return seen
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -133,3 +148,14 @@ def test_the_length_check_sees_a_long_function_and_module_and_takes_a_reason():
 def test_raybpo_has_no_long_function_or_module_without_a_reason():
     found = [entry for p in sorted(PACKAGE.rglob("*.py")) for entry in too_long(module_name(p), p.read_text())]
     assert found == []
+
+
+def test_the_stage_graph_never_imports_tune_and_the_metrics_never_import_ray():
+    """No stage reaches raybpo.tune (Tune's hook is passed down to `fit`), and the reward-model metrics and win
+    rates are plain functions that import no Ray, whatever function of theirs is called."""
+    trees = modules()
+    assert "raybpo.train.loop" in reachable("raybpo.graph", trees)  # the walk follows the real imports
+    assert not [m for m in reachable("raybpo.graph", trees) if m.startswith("raybpo.tune")]
+    for metrics in ("raybpo.metrics.reward", "raybpo.metrics.winrates"):
+        assert "numpy" in reachable(metrics, trees)
+        assert not [m for m in reachable(metrics, trees) if m == "ray" or m.startswith("ray.")], metrics
