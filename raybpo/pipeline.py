@@ -23,9 +23,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from raybpo import graph
+from raybpo.artifacts import CHECKPOINTS
 from raybpo.config import Config
 from raybpo.report import write_report
 from raybpo.rundir import MANIFEST, RunDir, StageContext
@@ -53,13 +55,20 @@ class PipelineResult:
 
 
 def forget_from(cfg: Config, from_stage: str) -> list[str]:
-    """Remove the manifests of `from_stage` and every later stage of the graph (with train, its variants)."""
+    """Remove the manifests of `from_stage` and every later stage of the graph (with train, its variants), and
+    move their training runs' checkpoints aside into `checkpoints/replaced-<UTC time>/`: a forced training stage
+    trains again from its first step instead of resuming (and re-exporting) the run it replaces."""
     every = graph.steps(cfg)
     run_dir = RunDir(cfg.run_dir)
     later = every[graph.index_of(every, from_stage, "--from") :]
     removed = [step.name for step in later if run_dir.exists(step.name, MANIFEST)]
     for name in removed:
         run_dir.remove(name, MANIFEST)
+    aside = f"replaced-{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}"
+    for folder in run_dir.folders(CHECKPOINTS):
+        if any(folder.startswith(f"{step.name}-") for step in later):
+            run_dir.move((CHECKPOINTS, folder), (CHECKPOINTS, aside, folder))
+            log.info("--from %s: checkpoints %s moved to %s/%s/", from_stage, folder, CHECKPOINTS, aside)
     return removed
 
 

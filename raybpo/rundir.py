@@ -91,6 +91,27 @@ class RunDir:
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
+    def folders(self, *parts: str) -> list[str]:
+        """The names of the folders directly below `parts` (none when it does not exist)."""
+        selector = pafs.FileSelector(self.path(*parts), allow_not_found=True)
+        infos = self.fs.get_file_info(selector)
+        return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
+
+    def move(self, source: tuple[str, ...], target: tuple[str, ...]) -> None:
+        """Move the folder `source` to `target` (parts below the run dir): a rename on a local disk; in object
+        storage each file is copied by the store itself (S3's CopyObject), then the source deleted."""
+        origin, destination = self.path(*source), self.path(*target)
+        self.fs.create_dir(posixpath.dirname(destination), recursive=True)
+        if self.is_local():
+            os.rename(origin, destination)
+            return
+        for info in self.fs.get_file_info(pafs.FileSelector(origin, recursive=True)):
+            if info.type == pafs.FileType.File:
+                copy = posixpath.join(destination, posixpath.relpath(info.path, origin))
+                self.fs.create_dir(posixpath.dirname(copy), recursive=True)
+                self.fs.copy_file(info.path, copy)
+        self.fs.delete_dir(origin)
+
     def upload_dir(self, local: str | Path, *parts: str) -> str:
         """Copy a local folder to `parts` below the run dir (a plain copy when the run dir is local)."""
         destination = self.path(*parts)

@@ -35,3 +35,14 @@ def test_a_remote_folder_is_fetched_once_per_content_and_a_local_path_is_used_as
     assert node_local(str(tmp_path)) == str(tmp_path)
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         node_local(f"{s3}/fetch/no-such-model")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_folder_moves_within_the_run_dir(where, s3, tmp_path):
+    run = RunDir(f"{s3}/move" if where == "s3" else str(tmp_path / "run"))
+    _write(run.uri, {"checkpoints/train-1/a.json": b"1", "checkpoints/train-1/nested/b.bin": b"22"})
+    run.move(("checkpoints", "train-1"), ("checkpoints", "replaced-x", "train-1"))
+    assert run.folders("checkpoints") == ["replaced-x"] and not run.exists("checkpoints", "train-1")
+    assert run.read_bytes("checkpoints/replaced-x/train-1/a.json") == b"1"
+    assert run.read_bytes("checkpoints/replaced-x/train-1/nested/b.bin") == b"22"
+    assert run.folders("no-such-folder") == []
