@@ -29,26 +29,38 @@ from raybpo.train.recipe import Recipe
 
 @dataclass(frozen=True)
 class Trained:
-    """A finished and exported run: its metric history, the recipe's row counts (`Recipe.counts`), and the
-    restarts it survived (`train_loop`'s `resumed_from` and `preemption_checkpoints` steps)."""
+    """A finished and exported run: its metric history, the recipe's row counts (`Recipe.counts`), the restarts
+    it survived (`train_loop`'s `resumed_from` and `preemption_checkpoints` steps), and the metrics reported with
+    the checkpoint that was exported."""
 
     history: list[dict[str, Any]]
     counts: dict[str, int]
     restarts: dict[str, list[int]]
+    exported: dict[str, Any]
 
     def final(self, names: Collection[str]) -> dict[str, Any]:
-        """The manifest's `steps`, `final_metrics` (those of `names`: the last logged step's) and `restarts`."""
+        """The manifest's `steps`, `final_metrics` (those of `names`: the last logged step's), `restarts`, and
+        `exported`: the step of the exported checkpoint and its metrics of `names` (the best checkpoint by eval
+        loss need not be the last step)."""
         last = self.history[-1] if self.history else {}
         final_metrics = {k: v for k, v in last.items() if k in names}
-        return {"steps": last.get("step"), "final_metrics": final_metrics, "restarts": self.restarts}
+        exported = {k: v for k, v in self.exported.items() if k in names}
+        return {
+            "steps": last.get("step"),
+            "final_metrics": final_metrics,
+            "restarts": self.restarts,
+            "exported": {"step": self.exported.get("step"), "metrics": exported},
+        }
 
 
-def best_checkpoint(result, has_eval: bool):
-    """The run's best checkpoint by eval loss (the last one without an eval split)."""
+def best_checkpoint(result, has_eval: bool) -> tuple[Any, dict[str, Any]]:
+    """The run's best checkpoint by eval loss (the last one without an eval split), and the metrics reported with
+    it."""
     checkpoint = result.get_best_checkpoint(metric="eval_loss", mode="min") if has_eval else result.checkpoint
     if checkpoint is None:
         raise RuntimeError(f"training run {result.path} reported no checkpoint")
-    return checkpoint
+    metrics = next(m for c, m in result.best_checkpoints if c.path == checkpoint.path)
+    return checkpoint, metrics
 
 
 def export_best(
@@ -101,12 +113,15 @@ def fit_and_export(
         max_retries=1,
         scheduling_strategy="DEFAULT",  # not into the placement group of a caller such as a Tune trial
     )
-    checkpoint = best_checkpoint(result, has_eval)
+    checkpoint, exported = best_checkpoint(result, has_eval)
     counts = ray.get(export.remote(factory, checkpoint, run_dir.uri, dict(folders), loop_cfg.use_gpu))
     returned = result.return_value
     run_dir.write_bytes(relpath(metrics), metrics_jsonl(returned["history"]))
     return Trained(
-        returned["history"], counts, {key: returned[key] for key in ("resumed_from", "preemption_checkpoints")}
+        returned["history"],
+        counts,
+        {key: returned[key] for key in ("resumed_from", "preemption_checkpoints")},
+        exported,
     )
 
 
