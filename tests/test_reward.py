@@ -3,6 +3,8 @@ benchmark's sources. The reward stage on real HH rows runs in tests/test_real_mo
 
 import functools
 import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +81,18 @@ def test_more_lambda_is_identical_on_two_workers_and_survives_a_crash(benchmark_
 
 
 def test_more_and_multitask_beat_chance_on_every_source(ray_session, tmp_path):
-    """Both modes, seed 0, the last checkpoint, 100 held-out pairs per source.
+    """Both modes, seed 0, the last checkpoint, 100 held-out pairs per source; the two stages run at once, each
+    in a run dir of its own on the same ingested benchmark (one CPU each).
 
     `concise` (short answers, no politeness) is the hard source for this from-scratch 2-layer backbone:
     across seeds its accuracy was 0.50-0.56 (the others 0.62-0.75), so the seed is fixed (training is
     deterministic on CPU) and the bars are chance per source and 0.6 on the mean.
     """
     cfg, backbone = _benchmark_run(tmp_path, 400)
+    runs = {}
     for mode in ("more", "multitask"):
-        run = cfg.model_copy(deep=True)
+        run = cfg.model_copy(deep=True, update={"run_dir": str(tmp_path / mode)})
+        shutil.copytree(Path(cfg.run_dir) / "ingest", tmp_path / mode / "ingest")
         run.reward = RewardConfig(
             mode=mode,
             model=backbone,
@@ -98,14 +103,17 @@ def test_more_and_multitask_beat_chance_on_every_source(ray_session, tmp_path):
             checkpoint_every=1000,
             max_length=64,
         )
-        manifest = run_reward(run).manifest
+        runs[mode] = run
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        manifests = dict(zip(runs, pool.map(lambda run: run_reward(run).manifest, runs.values()), strict=True))
+    for mode, manifest in manifests.items():
         models = manifest["evaluation"]["models"]["model"]
         assert min(manifest["evaluation"]["eval_pairs"].values()) >= 90
         for source, metrics in models["per_source"].items():
             assert metrics["accuracy"] > 0.5, (mode, source, metrics)
             assert 0.0 <= metrics["ece"] < 0.5
         assert models["mean_accuracy"] > 0.6, (mode, models["mean_accuracy"])
-        report = Path(cfg.run_dir) / "reward" / "report"
+        report = Path(runs[mode].run_dir) / "reward" / "report"
         table = (report / "reward.md").read_text()
         for source in ("concise", "harmless", "helpful"):
             assert f"acc {source}" in table
