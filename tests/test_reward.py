@@ -4,6 +4,7 @@ benchmark's sources. The reward stage on real HH rows runs in tests/test_real_mo
 import functools
 import json
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from raybpo.metrics.reward import score_pairs
 from raybpo.models.reward import load_reward_model, pooled_and_rewards, reward_head
 from raybpo.rundir import RunDir
 from raybpo.train.loop import fit
-from raybpo.train.reward import RewardRecipe, make_reward_recipe, resample, run_reward
+from raybpo.train.reward import RewardRecipe, make_reward_recipe, resample, run_reward, train_at_once
 
 
 def _benchmark_run(root: Path, pairs_per_source: int) -> tuple[Config, str]:
@@ -172,3 +173,26 @@ def test_judge_halves_split_the_training_pairs(benchmark_run):
     assert recipes[1].eval_rows == recipes[0].eval_rows  # both are judged on the same held-out pairs
     with pytest.raises(ValueError, match="judge_model needs mode more or multitask"):
         RewardConfig(mode="single", judge_model=True)
+
+
+def test_reward_models_train_at_once_and_a_failure_is_raised_after_all_end():
+    started, release = threading.Barrier(2, timeout=30), threading.Event()
+    ended = []
+
+    def job(name, fail=False):
+        started.wait()  # both run at the same time, or this times out
+        release.wait(timeout=30)
+        ended.append(name)
+        if fail:
+            raise ValueError(f"{name} failed")
+        return {"name": name}
+
+    release.set()
+    assert train_at_once({"a": functools.partial(job, "a"), "b": functools.partial(job, "b")}) == {
+        "a": {"name": "a"},
+        "b": {"name": "b"},
+    }
+    ended.clear()
+    with pytest.raises(ValueError, match="judge failed"):
+        train_at_once({"judge": functools.partial(job, "judge", True), "model": functools.partial(job, "model")})
+    assert sorted(ended) == ["judge", "model"]

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +228,14 @@ def train_reward_model(
     return {"history": trained.history, "eval_pairs": trained.counts["eval"], "train_pairs": trained.counts["train"]}
 
 
+def train_at_once(jobs: dict[str, Callable[[], dict]]) -> dict[str, dict]:
+    """Run the stage's reward-model trainings at once (each its own Ray Train run, which waits for its workers'
+    resources while the cluster has none free); their results by name, the first error raised after all end."""
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="reward") as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+    return {name: future.result() for name, future in futures.items()}
+
+
 def run_reward(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
     """The `reward` stage: train (MORE / multitask / single models), evaluate per source, write the report."""
     run_dir = RunDir(cfg.run_dir)
@@ -240,27 +249,26 @@ def run_reward(cfg: Config, ctx: StageContext = NO_CONTEXT) -> StageResult:
         pairs = read_pairs(run_dir)
         sources = sorted(set(pairs["source"]))
         identity = checkpoint_name(STAGE, cfg.section_hash("reward"), inputs)
+        train = functools.partial(train_reward_model, cfg, run_dir, callbacks=ctx.callbacks)
         if mode in ("more", "multitask") and cfg.reward.judge_model:
             outputs = {"model": REWARD_MODEL, "judge": REWARD_JUDGE}
-            runs = {
-                name: train_reward_model(
-                    cfg, run_dir, mode, sources, outputs[name], f"{identity}-{name}", half, ctx.callbacks
-                )
-                for half, name in enumerate(outputs)
-            }
+            runs = train_at_once(
+                {
+                    name: functools.partial(train, mode, sources, outputs[name], f"{identity}-{name}", half)
+                    for half, name in enumerate(outputs)
+                }
+            )
             members = {name: [run_dir.uri_of(*parts)] for name, parts in outputs.items()}
         elif mode in ("more", "multitask"):
-            runs = {
-                "model": train_reward_model(cfg, run_dir, mode, sources, REWARD_MODEL, identity, None, ctx.callbacks)
-            }
+            runs = {"model": train(mode, sources, REWARD_MODEL, identity)}
             members = {"model": [run_dir.uri_of(*REWARD_MODEL)]}
         else:
-            runs = {
-                f"models/{s}": train_reward_model(
-                    cfg, run_dir, "single", [s], reward_member(s), f"{identity}-{s}", None, ctx.callbacks
-                )
-                for s in sources
-            }
+            runs = train_at_once(
+                {
+                    f"models/{s}": functools.partial(train, "single", [s], reward_member(s), f"{identity}-{s}")
+                    for s in sources
+                }
+            )
             models = [run_dir.uri_of(*reward_member(s)) for s in sources]
             members = (
                 {f"single:{s}": [m] for s, m in zip(sources, models, strict=True)}
