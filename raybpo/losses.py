@@ -236,7 +236,7 @@ class BetaDPO:
             kept[zeros[draw]] = True
         return kept
 
-    def _broken_batch(self, h_local: Tensor, n: int) -> BetaDPOOutput:
+    def _broken_batch(self, h_local: Tensor) -> BetaDPOOutput:
         """A gathered batch with a non-finite logit: a NaN loss (the loop's guard skips the step) and the statistics
         left as they were, so one broken batch cannot make M0 or beta infinite for every later step."""
         nan = float("nan")
@@ -244,7 +244,7 @@ class BetaDPO:
             loss=h_local.sum() * nan,
             beta=nan,
             kept_mask=torch.zeros(h_local.numel(), dtype=torch.bool, device=h_local.device),
-            kept_fraction=0.0 / n,
+            kept_fraction=0.0,
             m0=self.m0,
             sigma=self.sigma,
             per_sample=torch.full_like(h_local.detach(), nan),
@@ -279,7 +279,7 @@ class BetaDPO:
             raise ValueError(f"gather returned {n} values, expected {n_local} per worker x {world_size} workers")
 
         if not bool(torch.isfinite(values).all()):
-            return self._broken_batch(h_local, n)
+            return self._broken_batch(h_local)
         if training:
             mean = float(values.mean())
             std = float(values.std(correction=1)) if n > 1 else 0.0

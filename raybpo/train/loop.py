@@ -332,9 +332,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     Returns {"history": the metrics of every logged and checkpointed step, "resumed_from": the step of
     each checkpoint the run resumed from, "preemption_checkpoints": the steps of its just-in-time checkpoints};
-    all live in the checkpoints, so a resumed run returns all. When the NaN/inf guard stops the run, its message
-    is returned as "stopped" instead: every worker stops at the same step (the finite check is agreed by all),
-    and a Ray Train restart from the last checkpoint would only replay the same steps, so `fit` raises it.
+    all live in the checkpoints, so a resumed run returns all; and "stopped": None, or the NaN/inf guard's message
+    when it stopped the run. That stop is a result rather than a worker failure: every worker stops at the same
+    step (the finite check is agreed by all), a Ray Train restart from the last checkpoint would only replay the
+    same steps, and `fit` raises it.
     """
     quiet_report_lines()
     run = WorkerRun.start(config)
