@@ -20,7 +20,7 @@ from raybpo.models.loading import ModelNotFoundError
 from raybpo.models.tokenize import TokenizationError
 from raybpo.pipeline import StageRun, run_pipeline, summary_table
 from raybpo.report import write_report
-from raybpo.rundir import RunDir, StageMissingError, StageResult
+from raybpo.rundir import ForeignFolderError, RunDir, StageMissingError, StageResult
 from raybpo.selection.depth import DepthError
 from raybpo.stages.breadth import BreadthError
 from raybpo.stages.ingest import IngestError
@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         BreadthError,
         DepthError,
         StageMissingError,
+        ForeignFolderError,
         ModelNotFoundError,
         TokenizationError,
         NonFiniteLossError,

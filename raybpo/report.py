@@ -52,7 +52,7 @@ from raybpo.config import VARIANT_PREFIX
 from raybpo.metrics.reward import reward_table
 from raybpo.metrics.winrates import WINRATE_HEADER, winrate_note, winrate_rows
 from raybpo.plots import png_bytes, subplots
-from raybpo.rundir import MANIFEST, RunDir
+from raybpo.rundir import RunDir, read_manifest
 from raybpo.tables import markdown_table
 
 STAGES = (*graph.ORDER, TUNE)  # the stage graph, then the sweep (a folder with a manifest too)
@@ -146,10 +146,6 @@ def stage_folders(run_dir: RunDir) -> list[str]:
     variants = [name for name in variants if name.startswith(VARIANT_PREFIX)]
     at = STAGES.index(graph.VARIANTS_OF) + 1
     return [*STAGES[:at], *variants, *STAGES[at:]]
-
-
-def _manifest(run_dir: RunDir, stage: str) -> dict[str, Any] | None:
-    return run_dir.read_json(f"{stage}/{MANIFEST}") if run_dir.exists(stage, MANIFEST) else None
 
 
 def _number(value: Any) -> str:
@@ -267,7 +263,7 @@ def write_report(run_dir: RunDir | str) -> tuple[str, str]:
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run_dir.remove(REPORT)
     stages = stage_folders(run_dir)
-    manifests = {stage: _manifest(run_dir, stage) for stage in stages}
+    manifests = {stage: read_manifest(run_dir, stage) for stage in stages}
     done = {stage for stage, m in manifests.items() if m is not None}
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     blocks: list[Block] = [Heading(f"raybpo report: {run_dir.uri}", 1), Text(f"Written {when} (UTC).")]

@@ -32,6 +32,7 @@ from raybpo.config import Config
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+STAGE_MARKER = ".raybpo-stage"  # written first into every stage folder raybpo makes: only those are ever deleted
 COMPLETE = ".raybpo-complete"  # written last into a folder of the node cache: a folder without it is never used
 VERSIONED_PACKAGES = ("raybpo", "ray", "torch", "transformers", "peft", "pyarrow", "pydantic", "numpy")
 
@@ -72,10 +73,22 @@ class RunDir:
             self.fs.delete_file(path)
 
     def write_bytes(self, relpath: str, data: bytes) -> str:
+        """Write a file whole or not at all: on a local disk into a temporary file renamed over the target; in
+        object storage the object appears only once its upload completes."""
         path = self.path(relpath)
         self.fs.create_dir(posixpath.dirname(path), recursive=True)
-        with self.fs.open_output_stream(path) as out:
-            out.write(data)
+        if not self.is_local():
+            with self.fs.open_output_stream(path) as out:
+                out.write(data)
+            return path
+        handle, temporary = tempfile.mkstemp(prefix=f".{posixpath.basename(path)}.", dir=posixpath.dirname(path))
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
         return path
 
     def read_bytes(self, relpath: str) -> bytes:
@@ -240,16 +253,38 @@ def package_versions() -> dict[str, str]:
 
 def require_stage(run_dir: RunDir, stage: str) -> dict[str, Any]:
     """The manifest of a finished upstream stage, or a clear error naming what to run first."""
-    if not run_dir.exists(stage, MANIFEST):
+    manifest = read_manifest(run_dir, stage)
+    if manifest is None:
         raise StageMissingError(
-            f"{run_dir.uri_of(stage)} has no finished run (no {MANIFEST}): run `raybpo {stage}` first"
+            f"{run_dir.uri_of(stage)} has no finished run (no readable {MANIFEST}): run `raybpo {stage}` first"
         )
-    return run_dir.read_json(f"{stage}/{MANIFEST}")
+    return manifest
 
 
 def stage_identity(manifest: dict[str, Any]) -> str:
     """What a downstream stage records as the input hash of an upstream stage: its config and run."""
     return f"{manifest['config_hash']}@{manifest['created_at']}"
+
+
+class ForeignFolderError(RuntimeError):
+    """A folder where a stage's would go that raybpo did not make: never deleted."""
+
+
+def read_manifest(run_dir: RunDir, stage: str) -> dict[str, Any] | None:
+    """The stage's manifest; None when there is none, or when it cannot be read (a truncated or garbled file is a
+    partial stage, redone, with a warning that names it)."""
+    if not run_dir.exists(stage, MANIFEST):
+        return None
+    try:
+        return run_dir.read_json(f"{stage}/{MANIFEST}")
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+        log.warning(
+            "%s: manifest %s is unreadable (%s); the stage counts as unfinished",
+            stage,
+            run_dir.path(stage, MANIFEST),
+            err,
+        )
+        return None
 
 
 class StageMissingError(RuntimeError):
@@ -271,16 +306,22 @@ def run_stage(
     """
     config_hash = config.section_hash(*sections)
     manifest_path = f"{stage}/{MANIFEST}"
-    if run_dir.exists(manifest_path):
-        previous = run_dir.read_json(manifest_path)
+    previous = read_manifest(run_dir, stage)
+    if previous is not None:
         if previous.get("config_hash") == config_hash and previous.get("input_hashes") == dict(input_hashes):
             log.info("%s: up to date (manifest %s), skipped", stage, run_dir.path(manifest_path))
             return StageResult(previous, skipped=True)
         log.info("%s: config or inputs changed, redoing the stage", stage)
     elif run_dir.exists(stage):
+        if not run_dir.exists(stage, STAGE_MARKER) and not run_dir.exists(manifest_path):
+            raise ForeignFolderError(
+                f"{run_dir.path(stage)} exists but was not made by raybpo (no {STAGE_MARKER} or {MANIFEST} in it), "
+                f"so the {stage} stage will not delete it: move it away or choose another --run-dir"
+            )
         log.info("%s: found a partial run without a manifest, redoing it from scratch", stage)
     run_dir.remove(stage)
     stage_path = run_dir.makedirs(stage)
+    run_dir.write_bytes(f"{stage}/{STAGE_MARKER}", b"")
 
     started = time.perf_counter()
     counts = body(stage_path)

@@ -1,11 +1,25 @@
-"""raybpo.artifacts: the run directory's locations and the resolvers of what a stage takes from another, on a
-hand-made run directory (no Ray, no models)."""
+"""raybpo.artifacts: the run directory's locations and the resolvers of what a stage takes from another, and the
+run directory's integrity (whole writes, garbled manifests, folders raybpo did not make), on a hand-made run
+directory (no Ray, no models)."""
+
+import logging
+import os
+from pathlib import Path
 
 import pytest
 
 from raybpo import artifacts
 from raybpo.config import Config, load_config
-from raybpo.rundir import RunDir, StageCounts, StageMissingError, run_stage, stage_identity
+from raybpo.rundir import (
+    STAGE_MARKER,
+    ForeignFolderError,
+    RunDir,
+    StageCounts,
+    StageMissingError,
+    require_stage,
+    run_stage,
+    stage_identity,
+)
 
 
 def _stage(run_dir: RunDir, cfg: Config, name: str, folders: tuple[tuple[str, ...], ...] = (), **extra) -> dict:
@@ -94,3 +108,38 @@ def test_input_pairs_and_trained_policy(run):
     train = _stage(run_dir, cfg, "train", (artifacts.merged_policy("train"),))
     policy = artifacts.trained_policy(run_dir, "train")
     assert policy.uri == run_dir.path("train", "policy", "merged") and policy.manifest == train
+
+
+def test_a_garbled_manifest_is_an_unfinished_stage_named_in_a_warning(run, caplog):
+    run_dir, cfg = run
+    first = _stage(run_dir, cfg, "train", (("train", "policy"),))
+    Path(run_dir.path("train", "manifest.json")).write_text('{"stage": "tra')  # cut short by an older raybpo
+    with pytest.raises(StageMissingError, match=r"train has no finished run \(no readable manifest.json\)"):
+        require_stage(run_dir, "train")
+    with caplog.at_level(logging.WARNING, logger="raybpo.rundir"):
+        again = _stage(run_dir, cfg, "train", (("train", "policy"),))
+    assert again["created_at"] >= first["created_at"] and run_dir.read_json("train/manifest.json") == again
+    assert f"manifest {run_dir.path('train', 'manifest.json')} is unreadable" in caplog.text
+
+
+def test_a_failed_write_leaves_the_old_file_whole(run):
+    run_dir, _ = run
+    run_dir.write_json("train/manifest.json", {"stage": "train"})
+    with pytest.raises(TypeError):
+        run_dir.write_bytes("train/manifest.json", object())  # fails part-way, as a full disk or a kill would
+    assert run_dir.read_json("train/manifest.json") == {"stage": "train"}
+    assert sorted(os.listdir(run_dir.path("train"))) == ["manifest.json"]  # no temporary file left
+
+
+def test_a_folder_raybpo_did_not_make_is_never_deleted(run):
+    """`--run-dir` pointed at a folder with a user's own `train/`: the stage refuses to delete it."""
+    run_dir, cfg = run
+    run_dir.write_bytes("train/notes.txt", b"mine")
+    with pytest.raises(ForeignFolderError, match=r"train exists but was not made by raybpo .* another --run-dir"):
+        _stage(run_dir, cfg, "train")
+    assert run_dir.read_bytes("train/notes.txt") == b"mine"
+    run_dir.remove("train")
+    _stage(run_dir, cfg, "train")
+    run_dir.remove("train", "manifest.json")  # a stage of raybpo's that died half-way is redone
+    _stage(run_dir, cfg, "train")
+    assert run_dir.exists("train", STAGE_MARKER) and run_dir.exists("train", "manifest.json")

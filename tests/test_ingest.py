@@ -221,7 +221,7 @@ def test_cli_ingest_export_and_errors(ray_session, tmp_path, capsys):
     )
 
     assert main(["depth", "--run-dir", str(run_dir)]) == 2
-    assert "has no finished run (no manifest.json): run `raybpo score` first" in capsys.readouterr().err
+    assert "has no finished run (no readable manifest.json): run `raybpo score` first" in capsys.readouterr().err
     assert main(["ingest", "--preset", "benchmark", "train.betaa=1"]) == 2
     assert "unknown key 'train.betaa'" in capsys.readouterr().err
     assert main(["ingest", "--source", "x.jsonl,fmt=hh"]) == 2
