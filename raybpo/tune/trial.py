@@ -18,7 +18,7 @@ from raybpo.artifacts import EVALUATE, TRAIN, TUNE
 from raybpo.config import Config, TuneConfig, with_overrides
 from raybpo.graph import plan
 from raybpo.pipeline import run_pipeline
-from raybpo.rundir import MANIFEST, RunDir
+from raybpo.rundir import MANIFEST, RunDir, read_manifest
 from raybpo.tune.search import SEARCH_SPACE
 
 FINISHED, EARLY_STOPPED, FAILED = "finished", "early-stopped", "failed"
@@ -62,12 +62,12 @@ def seed_trial(main: RunDir, cfg: Config) -> list[str]:
     kept = []
     for step in plan(cfg):
         stage = step.name
-        if not main.exists(stage, MANIFEST):
+        manifest = read_manifest(main, stage)
+        if manifest is None:
             break
-        manifest = main.read_json(f"{stage}/{MANIFEST}")
         if manifest["config_hash"] != step.cfg.section_hash(*(s for s in manifest["config"] if s != "seed")):
             break
-        if not trial.exists(stage, MANIFEST) or trial.read_json(f"{stage}/{MANIFEST}") != manifest:
+        if read_manifest(trial, stage) != manifest:
             trial.remove(stage)
             copy_stage(main, trial, stage)
         kept.append(stage)
@@ -78,8 +78,7 @@ def final_metrics(run_dir: RunDir) -> dict[str, float]:
     """What a finished trial ends with: the train stage's final metrics, then the evaluate stage's."""
     metrics: dict[str, float] = {}
     for stage in (TRAIN, EVALUATE):
-        if run_dir.exists(stage, MANIFEST):
-            metrics.update(run_dir.read_json(f"{stage}/{MANIFEST}").get("final_metrics", {}))
+        metrics.update((read_manifest(run_dir, stage) or {}).get("final_metrics", {}))
     return metrics
 
 
